@@ -1,0 +1,28 @@
+"""reparam: a model's weights as pure functional reparameterisations, ``W = f(frozen, trainable)``.
+
+The public API, as a table of contents:
+
+  core        Reparam(init, apply) pair; additive(); combinators add, full, frozen
+  views       on_axes(): matrix view of >2-D kernels and nn.scan-stacked layers
+  plan        plan(rules, params) -> Plan with init / apply / merge / penalty / summary
+  lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
+  svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
+  calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
+  train       TrainState, init_state, make_train_step, make_eval_step
+"""
+from reparam import train
+from reparam.calibrate import capture_grads, capture_inputs
+from reparam.core import Reparam, ReparamError, add, additive, frozen, full
+from reparam.linalg import truncated_svd
+from reparam.lowrank import dora, dylora, lora, lora_xs
+from reparam.plan import Plan, plan
+from reparam.svd import corda, eva, eva_allocate, milora, pissa, sorsa, svfit
+from reparam.views import on_axes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Reparam", "ReparamError", "add", "additive", "frozen", "full", "on_axes", "plan", "Plan",
+    "lora", "dora", "lora_xs", "dylora", "pissa", "milora", "svfit", "sorsa", "corda", "eva",
+    "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train",
+]

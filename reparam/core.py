@@ -1,0 +1,150 @@
+"""The one abstraction: a reparameterisation of ONE weight as a pair of pure functions.
+
+    init(key, w, calib=None) -> (frozen, trainable)      # from the pretrained W0
+    apply(frozen, trainable) -> w                         # the effective weight
+
+Like optax's ``GradientTransformation``, a :class:`Reparam` is a NamedTuple of
+functions; everything they return is a pytree of arrays. ``apply(*init(k, W0))``
+reproduces ``W0`` (exactly, or to float rounding where an SVD is involved).
+
+Additive methods, ``W = base + delta(frozen, trainable)``, are written as a
+``delta`` through :func:`additive`; the base lives in ``frozen["base"]`` (the
+original ``W0`` -- the same array, never a copy -- or a rewritten one such as
+PiSSA's residual). :func:`add` sums the deltas of several additive transforms
+on one weight. All transforms here see a weight as a matrix ``[d_in, d_out]``
+(``y = x @ W``); the plan maps kernels of other ranks onto that view
+(:mod:`reparam.views`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+
+class ReparamError(ValueError):
+    """Bad input to a transform or a plan; the message says what and how to fix it."""
+
+
+class Reparam(NamedTuple):
+    """A reparameterisation of one weight matrix ``[d_in, d_out]``.
+
+    Fields:
+      init: ``(key, w, calib) -> (frozen, trainable)``. ``calib`` is the
+        calibration statistics of this weight for data-driven methods (CorDA,
+        EVA, LoRA-SB), ``None`` otherwise.
+      apply: ``(frozen, trainable) -> w``; pure and jittable. Stochastic
+        transforms (DyLoRA) take an extra keyword ``rng`` (``None`` at eval).
+      name: shown by ``plan.summary()``, e.g. ``"lora(r=8, alpha=16)"``.
+      delta: for additive transforms, ``(frozen, trainable) -> ΔW`` with
+        ``apply = frozen["base"] + delta``; ``None`` for the others.
+      penalty: optional regulariser ``(frozen, trainable) -> scalar`` that the
+        loss adds (SORSA's orthonormality).
+      stochastic: ``apply`` takes ``rng=``.
+      axes: an optional declared matrix view (:func:`reparam.views.on_axes`).
+      calib: what calibration data ``init`` needs, or ``None``.
+    """
+    init: Callable[..., tuple[PyTree, PyTree]]
+    apply: Callable[..., Array]
+    name: str = "custom"
+    delta: Optional[Callable[[PyTree, PyTree], Array]] = None
+    penalty: Optional[Callable[[PyTree, PyTree], Array]] = None
+    stochastic: bool = False
+    axes: Any = None
+    calib: Optional[str] = None
+
+
+def fmt_name(method: str, **hparams) -> str:
+    """``fmt_name("lora", r=8, alpha=16)`` -> ``"lora(r=8, alpha=16)"`` (None values dropped)."""
+    args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in hparams.items() if v is not None and v is not False)
+    return f"{method}({args})"
+
+
+def additive(name: str, init: Callable, delta: Callable, **fields) -> Reparam:
+    """Makes ``W = frozen["base"] + delta(frozen, trainable)`` from ``init`` and ``delta``.
+
+    ``init(key, w, calib) -> (frozen, trainable)`` must put the base in
+    ``frozen["base"]``: ``w`` itself (no copy) or a rewrite of it. The sum is
+    formed in the wider dtype of base and delta and cast back to the base's
+    dtype, so a bf16 base with f32 adapters gives bf16 weights whose gradient
+    reaches the f32 adapters.
+    """
+    def apply(frozen, trainable, **kw):
+        base = frozen["base"]
+        return (base + delta(frozen, trainable, **kw)).astype(base.dtype)
+    return Reparam(init=init, apply=apply, name=name, delta=delta, **fields)
+
+
+def full() -> Reparam:
+    """Full fine-tuning of the leaf: ``W = θ``, θ trainable, initialised to ``W0``."""
+    return Reparam(init=lambda key, w, calib=None: ({}, {"w": w}),
+                   apply=lambda frozen, trainable: trainable["w"], name="full")
+
+
+def frozen() -> Reparam:
+    """Leaves the weight as it is: ``W = W0``, nothing trained."""
+    return additive("frozen", lambda key, w, calib=None: ({"base": w}, {}),
+                    lambda frozen, trainable: jnp.zeros((), frozen["base"].dtype))
+
+
+def add(*transforms: Reparam) -> Reparam:
+    """``W = W0 + Σ_i ΔW_i``: the sum of several additive transforms on one weight.
+
+    Each part is initialised from ``W0``; a part that rewrites the base (PiSSA's
+    residual ``W0 - A@B``) contributes its rewrite, so the combined base is
+    ``W0 + Σ_i (base_i - W0)`` and a fresh sum still equals ``W0``. Used for
+    sparse + low-rank (SLTrain, LOST). Trainable state is a tuple, one entry per part.
+    """
+    if not transforms:
+        raise ReparamError("add() needs at least one transform, e.g. add(rp.lora(8), rp.pissa(4)).")
+    for t in transforms:
+        if t.delta is None:
+            raise ReparamError(f"add(): {t.name} is not additive (it has no delta), so it cannot be "
+                               "summed with others; apply it on its own rule instead.")
+    stochastic = any(t.stochastic for t in transforms)
+
+    def init(key, w, calib=None):
+        keys = jax.random.split(key, len(transforms))
+        base, parts, trainables = w, [], []
+        for t, k in zip(transforms, keys):
+            f, tr = t.init(k, w, calib)
+            f = dict(f)
+            b = f.pop("base")
+            if b is not w:
+                base = base + (b - w)
+            parts.append(f)
+            trainables.append(tr)
+        return {"base": base, "parts": tuple(parts)}, tuple(trainables)
+
+    def delta(frozen, trainable, rng=None):
+        keys = [None] * len(transforms) if rng is None else list(jax.random.split(rng, len(transforms)))
+        total = 0.0
+        for t, f, tr, k in zip(transforms, frozen["parts"], trainable, keys):
+            f = {**f, "base": frozen["base"]}
+            total = total + (t.delta(f, tr, rng=k) if t.stochastic else t.delta(f, tr))
+        return total
+
+    def penalty(frozen, trainable):
+        return sum(t.penalty({**f, "base": frozen["base"]}, tr)
+                   for t, f, tr in zip(transforms, frozen["parts"], trainable) if t.penalty is not None)
+
+    calibs = {t.calib for t in transforms if t.calib}
+    return additive("add(" + ", ".join(t.name for t in transforms) + ")", init, delta,
+                    penalty=penalty if any(t.penalty for t in transforms) else None,
+                    stochastic=stochastic, calib=",".join(sorted(calibs)) or None)
+
+
+def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
+    """Raises a :class:`ReparamError` unless ``1 <= rank <= min(d_in, d_out)``."""
+    d_in, d_out = shape[-2:]
+    if not isinstance(rank, int) or rank < 1:
+        raise ReparamError(f"{method}: rank must be a positive int, got {rank!r}.")
+    if rank > min(d_in, d_out):
+        raise ReparamError(f"{method}: rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of a "
+                           f"{d_in}x{d_out} weight; use rank <= {min(d_in, d_out)} or exclude this "
+                           "weight from the rule.")
