@@ -4,7 +4,7 @@ Nothing hides a data loader: you pass the batches. The result maps a
 parameter path to a dict of statistics, and goes to ``plan.init(key, params,
 calib=...)``:
 
-    calib = rp.capture_inputs(model, {"params": params}, batches, paths=plan.adapted())
+    calib = rp.capture_inputs(model, {"params": params}, batches, paths=list(plan.calibrated()))
     # {"encoder/layer_0/query/kernel": {"cov": XᵀX/N [d_in, d_in], "n": N}, ...}
 """
 from __future__ import annotations
@@ -30,17 +30,19 @@ def capture_inputs(model: nn.Module, variables, batches: Iterable, *, paths: Opt
     parameter (Dense, DenseGeneral, Conv), the input flattened to
     ``[N, d_in]`` (all leading axes are tokens; DenseGeneral/Conv inputs are
     flattened to the matrix view's ``d_in``). Keys are
-    ``prefix + module path + "/kernel"``; with ``paths``, only those are kept
-    and each must be found. ``batches`` yields model inputs (a tuple is splatted).
+    ``prefix + module path + "/kernel"``; with ``paths`` (typically
+    ``plan.calibrated()``), only those are kept and each must be found. ``batches`` yields model inputs (a tuple is splatted).
     """
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
     wanted = set(paths) if paths is not None else None
+    seen: set[str] = set()
 
     def record(next_fun, args, kwargs, ctx):
         mod = ctx.module
         if ctx.method_name == "__call__" and mod.has_variable("params", "kernel") and args:
             key = prefix + "/".join(mod.path) + "/kernel"
+            seen.add(key)
             if wanted is None or key in wanted:
                 kernel = mod.get_variable("params", "kernel")
                 n_out = 1 if isinstance(mod, nn.Conv) else np.size(getattr(mod, "features", 1))
@@ -49,24 +51,28 @@ def capture_inputs(model: nn.Module, variables, batches: Iterable, *, paths: Opt
                 if isinstance(mod, nn.Conv):
                     x = _patches(x, kernel.shape, mod)
                 x = x.reshape(-1, d_in)
-                if key in sums and sums[key].shape[0] != x.shape[1]:
-                    raise ReparamError(f"calibration batch for '{key}' has {x.shape[1]} input features but "
-                                       f"earlier batches had {sums[key].shape[0]}; every batch must have the "
-                                       "same feature shape.")
                 sums[key] = sums.get(key, 0.0) + x.T @ x
                 counts[key] = counts.get(key, 0) + x.shape[0]
         return next_fun(*args, **kwargs)
 
-    for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+    first = None
+    for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, leave=False)):
         args = batch if isinstance(batch, tuple) else (batch,)
-        with nn.intercept_methods(record):
-            model.apply(variables, *args, method=method, **apply_kwargs)
-    if not sums:
+        shapes = [tuple(np.shape(a)) for a in args]
+        first = first or shapes
+        try:
+            with nn.intercept_methods(record):
+                model.apply(variables, *args, method=method, **apply_kwargs)
+        except Exception as e:
+            raise ReparamError(f"calibration batch {i} with input shapes {shapes} does not fit the model "
+                               f"(batch 0 had {first}): {type(e).__name__}: {str(e).splitlines()[0]} -- pass "
+                               "batches of the model's input shape.") from e
+    if not seen:
         raise ReparamError("capture_inputs saw no kernel-bearing module call: pass at least one batch and a "
                            "linen model with Dense/DenseGeneral/Conv layers.")
     if wanted is not None and wanted - set(sums):
         raise ReparamError(f"capture_inputs found no module input for {sorted(wanted - set(sums))[:5]}; "
-                           f"captured paths look like {sorted(sums)[:3]} (set prefix= to match the plan's paths).")
+                           f"kernel paths look like {sorted(seen)[:3]} (set prefix= to match the plan's paths).")
     return {k: {"cov": sums[k] / counts[k], "n": counts[k]} for k in sums}
 
 
@@ -94,7 +100,7 @@ def capture_grads(loss_fn: Callable, params, batches: Iterable, *, paths: Sequen
     """Mean full fine-tuning gradient ``∇W loss`` over ``batches`` for each path (LoRA-SB's init).
 
     ``loss_fn(params, batch) -> scalar``. Returns ``{path: {"grad": g}}`` for the
-    given ``paths`` (typically ``plan.adapted()``); each must be a leaf of ``params``.
+    given ``paths`` (typically ``plan.calibrated()``); each must be a leaf of ``params``.
     """
     grad_fn = jax.jit(jax.grad(loss_fn))
     total, n = None, 0

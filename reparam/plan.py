@@ -74,7 +74,7 @@ class Plan:
         """``(frozen, trainable)`` for ``params``; ``calib`` maps paths to calibration stats.
 
         Data-driven transforms (CorDA, EVA, LoRA-SB) read ``calib[path]``, made
-        by :func:`reparam.calibrate.capture_inputs` or ``capture_grads``.
+        by :func:`reparam.calibrate.capture_inputs` or ``capture_grads`` over ``plan.calibrated()``.
         """
         flat = self.treedef.flatten_up_to(params)
         calib = dict(calib or {})
@@ -105,9 +105,9 @@ class Plan:
         return self.treedef.unflatten(frozen), self.treedef.unflatten(trainable)
 
     def _cast(self, x):
-        if self.trainable_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(self.trainable_dtype)
-        return x
+        """A fresh buffer (train steps donate trainables; never the caller's params), in the trainable dtype."""
+        floating = self.trainable_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+        return jnp.array(x, dtype=self.trainable_dtype if floating else x.dtype, copy=True)
 
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
@@ -139,6 +139,13 @@ class Plan:
     def adapted(self) -> list[str]:
         """Paths that a rule matched."""
         return [leaf.path for leaf in self.leaves if leaf.transform is not None]
+
+    def calibrated(self) -> dict[str, str]:
+        """``{path: what}`` for transforms that need calibration in ``plan.init(..., calib=)``:
+        ``"cov"`` (layer-input covariance, :func:`~reparam.calibrate.capture_inputs`) or ``"grad"``
+        (full fine-tuning gradient, :func:`~reparam.calibrate.capture_grads`)."""
+        return {leaf.path: leaf.transform.calib for leaf in self.leaves
+                if leaf.transform is not None and leaf.transform.calib}
 
     def trainable_counts(self, trainable: Optional[PyTree] = None) -> list[Optional[int]]:
         """Trainable entries per leaf (from ``trainable`` or the plan's shapes)."""

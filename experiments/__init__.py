@@ -1,0 +1,11 @@
+"""Runnable experiments for ``reparam``: ``python -m experiments.run --config=experiments/configs/<name>.py``.
+
+  configs/   ml_collections ``get_config()`` files, one per experiment
+  models/    reference Flax models (``mlp``)
+  data/      loaders (``digits``: scikit-learn's bundled 8x8 digits)
+  methods    method name -> rules factories, and their calibration
+  run        the generic runner: pretrain, adapt with every method, report
+  report     JSONL metrics, the results table and the plot
+
+``reparam`` never imports this package.
+"""

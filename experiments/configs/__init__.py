@@ -1,0 +1,1 @@
+"""``get_config()`` files, one per experiment; load with ``--config=experiments/configs/<name>.py``."""

@@ -1,0 +1,1 @@
+"""Data loaders for the experiments (no downloads: everything ships with a package)."""

@@ -1,0 +1,83 @@
+"""Method name -> rules for the MLP, and the calibration the data-driven methods need.
+
+Every adapter method puts one transform on the hidden kernels (``HIDDEN``) and
+trains the classifier head in full (``HEAD``); hidden biases stay frozen.
+``full`` trains every leaf; ``head`` (a linear probe) trains only the head.
+
+    rules = METHODS["pissa"](config)
+    plan = rp.plan(rules, params)
+    calib = calibrate("pissa", plan, config, model=model, params=params, batches=batches, loss_fn=loss_fn)
+    frozen, trainable = plan.init(key, params, calib)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import ml_collections
+import reparam as rp
+
+Rules = list[tuple[str, rp.Reparam]]
+HIDDEN = r".*hidden_\d+/kernel"
+HEAD = r"head/.*"
+
+
+def adapter(t: rp.Reparam) -> Rules:
+    """``t`` on the hidden kernels, the head trained in full."""
+    return [(HIDDEN, t), (HEAD, rp.full())]
+
+
+METHODS: dict[str, Callable[[ml_collections.ConfigDict], Rules]] = {
+    "full": lambda c: [(r".*", rp.full())],
+    "head": lambda c: [(HEAD, rp.full())],
+    "lora": lambda c: adapter(rp.lora(c.rank, c.alpha)),
+    "rslora": lambda c: adapter(rp.lora(c.rank, c.alpha, rslora=True)),
+    "dora": lambda c: adapter(rp.dora(c.rank, c.alpha)),
+    "lora_xs": lambda c: adapter(rp.lora_xs(c.xs_rank)),
+    "lora_sb": lambda c: adapter(rp.lora_xs(c.xs_rank, basis="gradient", lr=c.adapt_lr)),
+    "dylora": lambda c: adapter(rp.dylora(c.rank, c.alpha)),
+    "pissa": lambda c: adapter(rp.pissa(c.rank, c.alpha)),
+    "pissa_rsvd": lambda c: adapter(rp.pissa(c.rank, c.alpha, niter=2)),
+    "milora": lambda c: adapter(rp.milora(c.rank, c.alpha)),
+    "svfit": lambda c: adapter(rp.svfit(c.rank)),
+    "sorsa": lambda c: adapter(rp.sorsa(c.rank)),
+    "corda": lambda c: adapter(rp.corda(c.rank, c.alpha)),
+    "eva": lambda c: adapter(rp.eva(c.rank, c.alpha)),
+}
+
+# Post-processing of captured statistics, per method (EVA redistributes ranks across layers).
+ALLOCATE: dict[str, Callable[[dict, ml_collections.ConfigDict], dict]] = {
+    "eva": lambda calib, c: rp.eva_allocate(calib, c.rank),
+}
+
+
+def names(methods: Union[str, Sequence[str]]) -> list[str]:
+    """``"lora,pissa"`` (or a list) -> ``["lora", "pissa"]``, each checked against :data:`METHODS`."""
+    out = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    unknown = [m for m in out if m not in METHODS]
+    if unknown or not out:
+        raise ValueError(f"unknown methods {unknown} in {methods!r}; choose from {', '.join(METHODS)}.")
+    return out
+
+
+def calibrate(name: str, plan: rp.Plan, config: ml_collections.ConfigDict, *, model: nn.Module, params,
+              batches: Sequence, loss_fn: Callable) -> Optional[dict]:
+    """Calibration statistics for ``plan`` from ``(x, y)`` ``batches`` of the target task, or ``None``.
+
+    ``"cov"`` transforms (CorDA, EVA) get the layer-input covariance from
+    :func:`rp.capture_inputs`; ``"grad"`` ones (LoRA-SB) the full fine-tuning
+    gradient of ``loss_fn(params, batch)`` from :func:`rp.capture_grads`.
+    ``params`` is the plain params dict (the plan's paths), not ``{"params": ...}``.
+    """
+    kinds = plan.calibrated()
+    calib: dict = {}
+    cov = [p for p, k in kinds.items() if k == "cov"]
+    grad = [p for p, k in kinds.items() if k == "grad"]
+    if cov:
+        calib.update(rp.capture_inputs(model, {"params": params}, [x for x, _ in batches], paths=cov,
+                                       progress=False))
+    if grad:
+        calib.update(rp.capture_grads(loss_fn, params, batches, paths=grad, progress=False))
+    if not calib:
+        return None
+    return ALLOCATE[name](calib, config) if name in ALLOCATE else calib

@@ -1,0 +1,91 @@
+"""Outputs of a run: JSONL metrics, ``results.json``, the printed table and the plot."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = ("method", "transform", "acc 5-9", "trainable", "% total", "step ms", "x full")
+
+
+def append_jsonl(path: str, records: Sequence[dict]) -> None:
+    """Appends one JSON object per line to ``path``."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def table(results: dict) -> str:
+    """The results table: one row per method, then the pretraining and untrained-head reference lines."""
+    base_ms = results["methods"].get("full", {}).get("step_ms")
+    rows = [COLUMNS]
+    for name, r in results["methods"].items():
+        ratio = f"{r['step_ms'] / base_ms:.2f}" if base_ms else "-"
+        rows.append((name, r["transform"], f"{100 * r['acc']:.1f}%", f"{r['trainable']:,}",
+                     f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio))
+    widths = [max(len(row[j]) for row in rows) for j in range(len(COLUMNS))]
+    fmt = lambda row: "  ".join(x.ljust(w) if j < 2 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
+    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
+    p = results["pretrain"]
+    lines.append(f"pretrained on digits 0-4: test acc {100 * p['acc']:.1f}% ({p['params']:,} params); "
+                 f"untrained 5-9 head: test acc {100 * results['untrained_head_acc']:.1f}% (chance 20%)")
+    return "\n".join(lines)
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    """Trailing moving average over ``k`` steps (shorter at the start)."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(idx - k, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
+    """Three panels: training loss (smoothed) and test accuracy vs step, and final accuracy per method."""
+    names = list(results["methods"])
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:len(names)] if len(names) > 10 else \
+        plt.get_cmap("tab10")(np.arange(len(names)))
+    styles = ["-", "--", "-.", ":"]
+    fig, (ax_loss, ax_acc, ax_bar) = plt.subplots(1, 3, figsize=(19, 6.5), gridspec_kw={"width_ratios": [5, 5, 4]})
+    for i, name in enumerate(names):
+        h = history[name]
+        kw = dict(color=colors[i], ls=styles[(i // 10) % len(styles)] if len(names) > 10 else "-", lw=1.4,
+                  label=name)
+        ax_loss.plot(h["step"], _smooth(np.asarray(h["loss"]), 10), **kw)
+        ax_acc.plot(h["eval_step"], 100 * np.asarray(h["acc"]), marker=".", ms=4, **kw)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="train loss (moving avg, 10 steps)",
+                title="Training loss on digits 5-9")
+    ax_acc.set(xlabel="step", ylabel="test accuracy (%)", title="Test accuracy on digits 5-9")
+    ax_acc.set_ylim(max(0, min(100 * min(history[n]["acc"]) for n in names) - 5), 101)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, ncol=2, loc="lower right")
+
+    order = sorted(names, key=lambda n: results["methods"][n]["acc"])
+    accs = [100 * results["methods"][n]["acc"] for n in order]
+    bars = ax_bar.barh(range(len(order)), accs, color=[colors[names.index(n)] for n in order])
+    ax_bar.set_yticks(range(len(order)), [f"{n} ({results['methods'][n]['pct_trainable']:.1f}%)" for n in order],
+                      fontsize=9)
+    for b, a in zip(bars, accs):
+        ax_bar.text(a + 0.3, b.get_y() + b.get_height() / 2, f"{a:.1f}", va="center", fontsize=8)
+    ax_bar.set_xlim(max(0, min(accs) - 10), 103)
+    ax_bar.set(xlabel="final test accuracy (%)",
+               title=f"Final accuracy (% params trained); untrained head: {100 * results['untrained_head_acc']:.0f}%")
+    ax_bar.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"MLP pretrained on digits 0-4 (test acc {100 * results['pretrain']['acc']:.1f}%), "
+                 f"adapted to digits 5-9", fontsize=12)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

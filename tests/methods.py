@@ -1,0 +1,56 @@
+"""The methods under test: one factory per method, its exact trainable-count formula, its calibration."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import reparam as rp
+
+# name -> (factory(rank), trainable count formula (d_in, d_out, r), tolerance of the init no-op)
+METHODS = {
+    "lora": (lambda r: rp.lora(r, alpha=2 * r), lambda i, o, r: r * (i + o), 0.0),
+    "rslora": (lambda r: rp.lora(r, alpha=2 * r, rslora=True), lambda i, o, r: r * (i + o), 0.0),
+    "lora_gauss": (lambda r: rp.lora(r, init="gaussian"), lambda i, o, r: r * (i + o), 0.0),
+    "dora": (lambda r: rp.dora(r, alpha=2 * r), lambda i, o, r: r * (i + o) + o, 1e-5),
+    "dora_grad_norm": (lambda r: rp.dora(r, detach_norm=False), lambda i, o, r: r * (i + o) + o, 1e-5),
+    "lora_xs": (lambda r: rp.lora_xs(r), lambda i, o, r: r * r, 0.0),
+    "lora_sb": (lambda r: rp.lora_xs(r, basis="gradient"), lambda i, o, r: r * r, 1e-5),
+    "dylora": (lambda r: rp.dylora(r), lambda i, o, r: r * (i + o), 0.0),
+    "pissa": (lambda r: rp.pissa(r, alpha=2 * r), lambda i, o, r: r * (i + o), 1e-5),
+    "pissa_rsvd": (lambda r: rp.pissa(r, niter=2), lambda i, o, r: r * (i + o), 1e-5),
+    "milora": (lambda r: rp.milora(r), lambda i, o, r: r * (i + o), 1e-5),
+    "svfit": (lambda r: rp.svfit(r), lambda i, o, r: r, 1e-5),
+    "sorsa": (lambda r: rp.sorsa(r), lambda i, o, r: r * (i + o) + r, 1e-5),
+    "corda_ipm": (lambda r: rp.corda(r), lambda i, o, r: r * (i + o), 1e-5),
+    "corda_kpm": (lambda r: rp.corda(r, mode="kpm"), lambda i, o, r: r * (i + o), 1e-5),
+    "eva": (lambda r: rp.eva(r), lambda i, o, r: r * (i + o), 0.0),
+    "lora+pissa": (lambda r: rp.add(rp.lora(r), rp.pissa(r)), lambda i, o, r: 2 * r * (i + o), 1e-5),
+    "full": (lambda r: rp.full(), lambda i, o, r: i * o, 0.0),
+}
+
+
+def calib_for(t: rp.Reparam, path: str, w, key) -> dict | None:
+    """Synthetic calibration stats for a data-driven transform on the weight ``w`` at ``path``."""
+    if not t.calib:
+        return None
+    d_in = w.shape[0]
+    out = {}
+    if "cov" in t.calib:
+        x = jax.random.normal(key, (4 * d_in + 8, d_in)) * jnp.linspace(0.2, 2.0, d_in)
+        out["cov"] = x.T @ x / x.shape[0]
+    if "grad" in t.calib:
+        out["grad"] = jax.random.normal(jax.random.fold_in(key, 1), w.shape)
+    return {path: out}
+
+
+def perturb(tree, key, scale=0.1):
+    """Random nonzero values for every float array of ``tree`` (keeps structure, dtype)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
