@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 import reparam as rp
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -159,6 +159,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)      # absl's INFO lines (e.g. backend probing) are noise here
     run(_CONFIG.value)
 
 

@@ -90,7 +90,8 @@ def test_runner_end_to_end(tmp_path):
     out = tmp_path / "cli"
     steps, adapt_steps, methods = 150, 60, ["full", "lora", "eva"]
     flags = [f"--config.pretrain_steps={steps}", f"--config.adapt_steps={adapt_steps}",
-             f"--config.methods={','.join(methods)}", "--config.progress=False", "--config.eval_every=20"]
+             f"--config.methods={','.join(methods)}", "--config.progress=False", "--config.eval_every=20",
+             "--config.hidden=(256, 256)", "--config.batch_size=64"]
     proc = subprocess.run([sys.executable, "-m", "experiments.run", "--config=experiments/configs/digits.py",
                            *flags, f"--config.output_dir={out}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -120,6 +121,7 @@ def test_runner_end_to_end(tmp_path):
     config = digits_config.get_config()
     config.update_from_flattened_dict({"pretrain_steps": steps, "adapt_steps": adapt_steps,
                                        "methods": ",".join(methods), "progress": False, "eval_every": 20,
+                                       "hidden": (256, 256), "batch_size": 64,
                                        "output_dir": str(tmp_path / "inproc")})
     again = run(config)
     assert {n: r["acc"] for n, r in again["methods"].items()} == \
