@@ -148,3 +148,48 @@ def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
         raise ReparamError(f"{method}: rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of a "
                            f"{d_in}x{d_out} weight; use rank <= {min(d_in, d_out)} or exclude this "
                            "weight from the rule.")
+
+
+class Basis(NamedTuple):
+    """A linear change of basis for weight matrices: ``coeffs = forward(W)``, ``W = inverse(coeffs)``.
+
+    Coefficients have the weight's shape (periodized wavelets, orthonormal DCT,
+    DFT); ``inverse`` returns real arrays and ``inverse(forward(W)) == W``.
+    Orthogonal bases also preserve norms (Parseval).
+    """
+    forward: Callable[[Array], Array]
+    inverse: Callable[[Array], Array]
+    name: str
+
+
+def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
+    """``W = W0 + s · basis.inverse(ΔC)``: the inner transform's delta lives in another basis.
+
+    ``inner`` is initialised on the coefficients ``basis.forward(W0)`` (so a
+    data-dependent support, e.g. by magnitude, is chosen in that basis) and
+    must be additive; its delta ``ΔC`` is mapped back by the linear inverse.
+    WaveFT = ``in_basis(wavelet, sparse)``, weight-space WaRA =
+    ``in_basis(wavelet, lora)``, FourierFT = ``in_basis(fourier, sparse)``.
+    """
+    if inner.delta is None:
+        raise ReparamError(f"in_basis(): {inner.name} is not additive (it has no delta); use an additive "
+                           "inner transform such as rp.lora or rp.sparse.random.")
+
+    def init(key, w, calib=None):
+        c = basis.forward(w)
+        f, t = inner.init(key, c, calib)
+        f = dict(f)
+        fb = f.pop("base")
+        if c.shape != w.shape:
+            raise ReparamError(f"in_basis({basis.name}): coefficients of shape {c.shape} for a weight of shape "
+                               f"{w.shape}; in_basis needs a shape-preserving basis (periodized wavelets, DCT, DFT).")
+        base = w if fb is c else (w + basis.inverse(fb - c).astype(w.dtype))
+        return {"base": base, "inner": f}, t
+
+    def delta(frozen, trainable, **kw):
+        # coefficients have the weight's shape, so the inner delta may read its shape from the base
+        dc = inner.delta({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
+        return scale * basis.inverse(dc)
+
+    return additive(f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})",
+                    init, delta, penalty=None, stochastic=inner.stochastic, calib=inner.calib)

@@ -1,5 +1,13 @@
-"""The methods under test: one factory per method, its exact trainable-count formula, its calibration."""
+"""The methods under test: one factory per method, its exact trainable-count formula, its calibration.
+
+Each family may add ``tests/methods_<family>.py`` defining ``METHODS`` (same form as below) and
+optionally ``CALIB`` (``{kind: maker(key, w) -> value}`` for the calibration kinds its transforms
+declare); they are merged here, so the laws of ``test_laws.py`` run over every method.
+"""
 from __future__ import annotations
+
+import importlib
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +15,8 @@ import numpy as np
 
 import reparam as rp
 
-# name -> (factory(rank), trainable count formula (d_in, d_out, r), tolerance of the init no-op)
+# name -> (factory(rank), trainable count formula (d_in, d_out, r), tolerance of the init no-op
+#          [, valid(d_in, d_out, r) -> bool: the shapes the method accepts, when not all])
 METHODS = {
     "lora": (lambda r: rp.lora(r, alpha=2 * r), lambda i, o, r: r * (i + o), 0.0),
     "rslora": (lambda r: rp.lora(r, alpha=2 * r, rslora=True), lambda i, o, r: r * (i + o), 0.0),
@@ -30,18 +39,32 @@ METHODS = {
 }
 
 
+def _cov(key, w):
+    d_in = w.shape[0]
+    x = jax.random.normal(key, (4 * d_in + 8, d_in)) * jnp.linspace(0.2, 2.0, d_in)
+    return x.T @ x / x.shape[0]
+
+
+CALIB = {"cov": _cov, "grad": lambda key, w: jax.random.normal(key, w.shape)}
+
+for _f in sorted(pathlib.Path(__file__).parent.glob("methods_*.py")):
+    _m = importlib.import_module(f"tests.{_f.stem}")
+    METHODS.update(_m.METHODS)
+    CALIB.update(getattr(_m, "CALIB", {}))
+
+
+def valid(name: str, d_in: int, d_out: int, rank: int) -> bool:
+    """Whether method ``name`` accepts a ``d_in x d_out`` weight at ``rank`` (the optional 4th entry)."""
+    entry = METHODS[name]
+    return len(entry) < 4 or bool(entry[3](d_in, d_out, rank))
+
+
 def calib_for(t: rp.Reparam, path: str, w, key) -> dict | None:
     """Synthetic calibration stats for a data-driven transform on the weight ``w`` at ``path``."""
     if not t.calib:
         return None
-    d_in = w.shape[0]
-    out = {}
-    if "cov" in t.calib:
-        x = jax.random.normal(key, (4 * d_in + 8, d_in)) * jnp.linspace(0.2, 2.0, d_in)
-        out["cov"] = x.T @ x / x.shape[0]
-    if "grad" in t.calib:
-        out["grad"] = jax.random.normal(jax.random.fold_in(key, 1), w.shape)
-    return {path: out}
+    kinds = t.calib.split(",")
+    return {path: {k: CALIB[k](jax.random.fold_in(key, i), w) for i, k in enumerate(kinds)}}
 
 
 def perturb(tree, key, scale=0.1):

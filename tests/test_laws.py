@@ -11,17 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import reparam as rp
-from tests.methods import METHODS, calib_for, perturb, rel_err
+from tests.methods import METHODS, calib_for, perturb, rel_err, valid
 
 NAMES = sorted(METHODS)
 
 
 def make(name, d_in, d_out, rank, seed=0):
     """A one-weight params tree, its plan and (frozen, trainable)."""
-    factory, _, _ = METHODS[name]
+    factory = METHODS[name][0]
     key = jax.random.key(seed)
     w = jax.random.normal(key, (d_in, d_out)) / np.sqrt(d_in)
     params = {"layer": {"kernel": w, "bias": jnp.zeros((d_out,))}}
@@ -40,10 +40,11 @@ def shapes(draw):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(shape=shapes())
 def test_init_is_noop_and_merge_equals_apply(name, shape):
     d_in, d_out, rank = shape
+    assume(valid(name, d_in, d_out, rank))
     params, plan, frozen, trainable = make(name, d_in, d_out, rank)
     tol = METHODS[name][2]
     assert rel_err(plan.apply(frozen, trainable)["layer"]["kernel"], params["layer"]["kernel"]) <= tol
@@ -55,11 +56,12 @@ def test_init_is_noop_and_merge_equals_apply(name, shape):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(shape=shapes())
 def test_trainable_count_matches_formula(name, shape):
     d_in, d_out, rank = shape
-    factory, formula, _ = METHODS[name]
+    assume(valid(name, d_in, d_out, rank))
+    factory, formula = METHODS[name][:2]
     t = factory(rank)
     if t.calib:     # data-driven: shapes are known after init only
         _, plan, _, trainable = make(name, d_in, d_out, rank)
@@ -78,6 +80,7 @@ def test_lora_count_768():
 
 
 def _mlp_params(key, dims=(12, 16, 16, 10)):
+    """Three dense layers; every method under test accepts the 12x16 and 16x16 kernels at rank 3."""
     keys = jax.random.split(key, len(dims))
     return {f"dense_{i}": {"kernel": jax.random.normal(k, (a, b)) / np.sqrt(a), "bias": 0.01 * jnp.ones((b,))}
             for i, (a, b, k) in enumerate(zip(dims[:-1], dims[1:], keys))}
