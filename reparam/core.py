@@ -47,6 +47,10 @@ class Reparam(NamedTuple):
       stochastic: ``apply`` takes ``rng=``.
       axes: an optional declared matrix view (:func:`reparam.views.on_axes`).
       calib: what calibration data ``init`` needs, or ``None``.
+      shared: optional ``key -> pytree``: trainables shared by every leaf the
+        rule matches (Compacter's ``S_i``). The plan stores them once, under
+        ``"shared"`` in the trainable entry of the rule's first leaf, and
+        passes them to ``apply``/``delta`` of every leaf as ``shared=``.
     """
     init: Callable[..., tuple[PyTree, PyTree]]
     apply: Callable[..., Array]
@@ -56,6 +60,7 @@ class Reparam(NamedTuple):
     stochastic: bool = False
     axes: Any = None
     calib: Optional[str] = None
+    shared: Optional[Callable[[Array], PyTree]] = None
 
 
 def fmt_name(method: str, **hparams) -> str:
@@ -103,6 +108,9 @@ def add(*transforms: Reparam) -> Reparam:
     if not transforms:
         raise ReparamError("add() needs at least one transform, e.g. add(rp.lora(8), rp.pissa(4)).")
     for t in transforms:
+        if t.shared is not None:
+            raise ReparamError(f"add(): {t.name} has trainables shared across layers, which add() does not "
+                               "support yet; give it its own rule.")
         if t.delta is None:
             raise ReparamError(f"add(): {t.name} is not additive (it has no delta), so it cannot be "
                                "summed with others; apply it on its own rule instead.")
@@ -192,4 +200,5 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
         return scale * basis.inverse(dc)
 
     return additive(f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})",
-                    init, delta, penalty=None, stochastic=inner.stochastic, calib=inner.calib)
+                    init, delta, penalty=None, stochastic=inner.stochastic, calib=inner.calib,
+                    shared=inner.shared)

@@ -84,6 +84,7 @@ class Plan:
             raise ReparamError(f"calib has entries for paths no rule adapts: {stray[:5]}; calib keys "
                                f"must be adapted parameter paths, e.g. {sorted(known)[:3]}.")
         frozen, trainable = [], []
+        owners = self._owners()
         for i, (leaf, w) in enumerate(zip(self.leaves, flat)):
             if leaf.transform is None:
                 frozen.append({"base": w})
@@ -99,6 +100,8 @@ class Plan:
                 f, tr = t.init(jax.random.fold_in(key, i), w, c)
             except ReparamError as e:
                 raise _wrap_error(leaf, self.rules, e) from None
+            if i in owners.values():
+                tr = {**tr, "shared": self.rules[leaf.rule][1].shared(jax.random.fold_in(key, len(self.leaves) + leaf.rule))}
             tr = jax.tree_util.tree_map(self._cast, tr)
             frozen.append(f)
             trainable.append(tr)
@@ -109,19 +112,38 @@ class Plan:
         floating = self.trainable_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
         return jnp.array(x, dtype=self.trainable_dtype if floating else x.dtype, copy=True)
 
+    def _owners(self) -> dict[int, int]:
+        """``{rule: index of its first leaf}`` for rules whose transform has shared trainables."""
+        owners: dict[int, int] = {}
+        for i, leaf in enumerate(self.leaves):
+            if leaf.transform is not None and leaf.transform.shared is not None:
+                owners.setdefault(leaf.rule, i)
+        return owners
+
+    def _per_leaf(self, trainable: PyTree):
+        """``[(trainable without "shared", kwargs)]`` per leaf, ``kwargs`` carrying the rule's shared trainables."""
+        tl = self.treedef.flatten_up_to(trainable)
+        shared = {rule: tl[i]["shared"] for rule, i in self._owners().items()}
+        out = []
+        for leaf, tr in zip(self.leaves, tl):
+            if leaf.rule in shared:
+                out.append(({k: v for k, v in tr.items() if k != "shared"}, {"shared": shared[leaf.rule]}))
+            else:
+                out.append((tr, {}))
+        return out
+
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
         fl = self.treedef.flatten_up_to(frozen)
-        tl = self.treedef.flatten_up_to(trainable)
         out = []
-        for i, (leaf, f, tr) in enumerate(zip(self.leaves, fl, tl)):
+        for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
             t = leaf.transform
             if t is None:
                 out.append(f["base"])
             elif t.stochastic:
-                out.append(t.apply(f, tr, rng=None if rng is None else jax.random.fold_in(rng, i)))
+                out.append(t.apply(f, tr, rng=None if rng is None else jax.random.fold_in(rng, i), **kw))
             else:
-                out.append(t.apply(f, tr))
+                out.append(t.apply(f, tr, **kw))
         return self.treedef.unflatten(out)
 
     def merge(self, frozen: PyTree, trainable: PyTree) -> PyTree:
@@ -131,8 +153,8 @@ class Plan:
     def penalty(self, frozen: PyTree, trainable: PyTree):
         """Sum of the regularisers the transforms define (e.g. SORSA); 0.0 when none do."""
         fl = self.treedef.flatten_up_to(frozen)
-        tl = self.treedef.flatten_up_to(trainable)
-        return sum((leaf.transform.penalty(f, tr) for leaf, f, tr in zip(self.leaves, fl, tl)
+        return sum((leaf.transform.penalty(f, tr, **kw) for leaf, f, (tr, kw) in
+                    zip(self.leaves, fl, self._per_leaf(trainable))
                     if leaf.transform is not None and leaf.transform.penalty is not None), jnp.float32(0))
 
     # --- inspection -------------------------------------------------------------------------
@@ -242,4 +264,8 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             shapes.append(jax.eval_shape(leaf.transform.init, key, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)))
         except ReparamError as e:
             raise _wrap_error(leaf, rules, e) from None
-    return Plan(rules, leaves, treedef, trainable_dtype, shapes)
+    result = Plan(rules, leaves, treedef, trainable_dtype, shapes)
+    for rule, i in result._owners().items():    # shared trainables count once, at the rule's first leaf
+        if shapes[i] is not None:
+            shapes[i] = (shapes[i][0], {**shapes[i][1], "shared": jax.eval_shape(rules[rule][1].shared, key)})
+    return result

@@ -148,8 +148,8 @@ def viewed(t: Reparam, view: View, shape: tuple[int, ...]) -> Reparam:
         out = lift(lambda f, x: t.apply(f, x, **kw))(as_matrix(fr), tr)
         return from_matrix(view, out, shape)
 
-    def penalty(fr, tr):
-        return lift(t.penalty)(as_matrix(fr), tr).sum()
+    def penalty(fr, tr, **kw):
+        return lift(lambda f, x: t.penalty(f, x, **kw))(as_matrix(fr), tr).sum()
 
     return t._replace(init=init, apply=apply, delta=None,
                       penalty=penalty if t.penalty is not None else None)

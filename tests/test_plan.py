@@ -293,3 +293,49 @@ def test_summary_lists_rules_and_totals(block):
     assert "query/kernel" in s and "lora(r=4)" in s and "rule 1: 'head/.*' -> full: 2 leaves, 85 trainable" in s
     n_total = sum(a.size for a in jax.tree_util.tree_leaves(params))
     assert f"total: {4 * (16 + 32) + 85:,} trainable of {n_total:,} base params" in s
+
+
+def _mlp_params(dims=(12, 16, 16)):
+    keys = jax.random.split(jax.random.key(0), len(dims) - 1)
+    return {f"dense_{i}": {"kernel": jax.random.normal(k, (a, b))} for i, (a, b, k) in
+            enumerate(zip(dims[:-1], dims[1:], keys))}
+
+
+# --- trainables shared by every leaf of a rule (Compacter's S_i) -------------------------------------------
+def _gain_lora(rank):
+    """ΔW = g · A@B with one gain ``g`` shared by all leaves of the rule."""
+    base = rp.lora(rank)
+    return base._replace(name="gain_lora", shared=lambda key: {"g": jnp.ones(())},
+                         apply=lambda f, t, shared: f["base"] + shared["g"] * (t["A"] @ t["B"]),
+                         delta=lambda f, t, shared: shared["g"] * (t["A"] @ t["B"]))
+
+
+def test_shared_trainables_live_once_and_reach_every_leaf():
+    params = _mlp_params()
+    plan = rp.plan([(r"dense_[01]/kernel", _gain_lora(2))], params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    assert "shared" in trainable["dense_0"]["kernel"] and "shared" not in trainable["dense_1"]["kernel"]
+    assert sum(plan.trainable_counts(trainable)) == sum(plan.trainable_counts()) == 2 * (12 + 16) + 2 * (16 + 16) + 1
+    tr = perturb(trainable, jax.random.key(1))
+    out = plan.apply(frozen, tr)
+    g = tr["dense_0"]["kernel"]["shared"]["g"]
+    for layer in ("dense_0", "dense_1"):
+        t = tr[layer]["kernel"]
+        np.testing.assert_allclose(out[layer]["kernel"], params[layer]["kernel"] + g * t["A"] @ t["B"], rtol=1e-6)
+    # the shared gain's gradient sums the contributions of both layers
+    loss = lambda t: sum(jnp.sum(plan.apply(frozen, t)[layer]["kernel"]) for layer in ("dense_0", "dense_1"))
+    grad = jax.grad(loss)(tr)["dense_0"]["kernel"]["shared"]["g"]
+    expected = sum(jnp.sum(tr[layer]["kernel"]["A"] @ tr[layer]["kernel"]["B"]) for layer in ("dense_0", "dense_1"))
+    np.testing.assert_allclose(grad, expected, rtol=1e-5)
+
+
+def test_shared_trainables_on_stacked_layers_are_not_vmapped():
+    m = Stacked()
+    params = m.init(jax.random.key(1), jnp.ones((2, 12)))["params"]
+    plan = rp.plan([(r".*dense/kernel", rp.on_axes(_gain_lora(2), batch_axes=(0,)))], params)
+    frozen, trainable = plan.init(jax.random.key(2), params)
+    assert trainable["layers"]["dense"]["kernel"]["shared"]["g"].shape == ()
+    tr = perturb(trainable, jax.random.key(3))
+    w = plan.apply(frozen, tr)["layers"]["dense"]["kernel"]
+    t = tr["layers"]["dense"]["kernel"]
+    np.testing.assert_allclose(w, params["layers"]["dense"]["kernel"] + t["shared"]["g"] * t["A"] @ t["B"], rtol=1e-5)
