@@ -9,8 +9,9 @@ The public API, as a table of contents:
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   train       TrainState, init_state, make_train_step, make_eval_step
+  checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
 """
-from reparam import train
+from reparam import checkpoint, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.core import Reparam, ReparamError, add, additive, frozen, full
 from reparam.linalg import truncated_svd
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Reparam", "ReparamError", "add", "additive", "frozen", "full", "on_axes", "plan", "Plan",
     "lora", "dora", "lora_xs", "dylora", "pissa", "milora", "svfit", "sorsa", "corda", "eva",
-    "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train",
+    "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train", "checkpoint",
 ]

@@ -1,0 +1,77 @@
+"""Orbax checkpoints: bit-identical resume, refusal of another config, and survival of a kill during a save."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reparam as rp
+
+
+def _setup():
+    params = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
+              "l2": {"kernel": jax.random.normal(jax.random.key(1), (6, 3)), "bias": jnp.zeros((3,))}}
+    plan = rp.plan([(r"l1/kernel", rp.lora(2)), (r"l2/.*", rp.full())], params)
+    frozen, trainable = plan.init(jax.random.key(2), params)
+    opt = optax.adam(1e-2)
+
+    def loss_fn(p, batch, rng):
+        noise = 0.01 * jax.random.normal(rng, batch.shape)          # uses the rng: resumes must restore it
+        return jnp.mean((jnp.tanh((batch + noise) @ p["l1"]["kernel"]) @ p["l2"]["kernel"] + p["l2"]["bias"]) ** 2)
+
+    step = rp.train.make_train_step(plan, loss_fn, opt)
+    x = jax.random.normal(jax.random.key(3), (16, 8))
+    fresh = lambda: rp.train.init_state(plan.init(jax.random.key(2), params)[1], opt, jax.random.key(4))
+    return step, frozen, x, fresh
+
+
+CONFIG = {"lr": 0.01, "method": "lora", "rank": 2, "output_dir": "/somewhere"}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    step, frozen, x, fresh = _setup()
+    straight = fresh()
+    for _ in range(6):
+        straight, _ = step(straight, frozen, x)
+
+    mgr = rp.checkpoint.manager(str(tmp_path / "ck"), max_to_keep=2)
+    assert rp.checkpoint.restore(mgr, like=fresh(), config=CONFIG) is None
+    state = fresh()
+    for i in range(3):
+        state, _ = step(state, frozen, x)
+        rp.checkpoint.save(mgr, state, CONFIG)
+    assert mgr.all_steps() == [2, 3]                                  # keeps the newest two
+    resumed = rp.checkpoint.restore(mgr, like=fresh(), config={**CONFIG, "output_dir": "/elsewhere"})
+    assert int(resumed.step) == 3
+    for _ in range(3):
+        resumed, _ = step(resumed, frozen, x)
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_another_config_is_refused(tmp_path):
+    step, frozen, x, fresh = _setup()
+    mgr = rp.checkpoint.manager(str(tmp_path / "ck"))
+    rp.checkpoint.save(mgr, fresh(), CONFIG)
+    with pytest.raises(rp.ReparamError, match=r"another config: lr: saved 0.01, now 0.1; rank: saved 2, now 4"):
+        rp.checkpoint.restore(mgr, like=fresh(), config={**CONFIG, "lr": 0.1, "rank": 4})
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    step, frozen, x, fresh = _setup()
+    directory = tmp_path / "ck"
+    mgr = rp.checkpoint.manager(str(directory))
+    state, _ = step(fresh(), frozen, x)
+    rp.checkpoint.save(mgr, state, CONFIG)
+    # what a SIGKILL during orbax's save of step 2 leaves behind: an unfinished temporary directory
+    partial = directory / "2.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(os.urandom(64))
+    mgr = rp.checkpoint.manager(str(directory))                         # a new process after the kill
+    assert mgr.latest_step() == 1
+    got = rp.checkpoint.restore(mgr, like=fresh(), config=CONFIG)
+    np.testing.assert_array_equal(got.trainable["l1"]["kernel"]["A"], state.trainable["l1"]["kernel"]["A"])
