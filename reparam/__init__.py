@@ -7,13 +7,15 @@ The public API, as a table of contents:
   plan        plan(rules, params) -> Plan with init / apply / merge / penalty / summary
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
+  kronecker   krona, lokr, compacter (S_i shared across layers), soka; kron_matmul (vec trick)
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   train       TrainState, init_state, make_train_step, make_eval_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
 """
-from reparam import checkpoint, train
+from reparam import checkpoint, kronecker, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.core import Reparam, ReparamError, add, additive, frozen, full
+from reparam.kronecker import compacter, factorization, kron_matmul, krona, lokr, soka
 from reparam.linalg import truncated_svd
 from reparam.lowrank import dora, dylora, lora, lora_xs
 from reparam.plan import Plan, plan
@@ -26,4 +28,5 @@ __all__ = [
     "Reparam", "ReparamError", "add", "additive", "frozen", "full", "on_axes", "plan", "Plan",
     "lora", "dora", "lora_xs", "dylora", "pissa", "milora", "svfit", "sorsa", "corda", "eva",
     "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train", "checkpoint",
+    "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
 ]

@@ -18,11 +18,12 @@ from reparam.linalg import truncated_svd
 from reparam.lowrank import lora_scale, lowrank_delta
 
 
-def _residual(w, part):
+def residual(w, part):
+    """``W0 - part``, computed in f32 and returned in ``W0``'s dtype: the frozen base of a principal init."""
     return (w.astype(jnp.float32) - part).astype(w.dtype)
 
 
-def _factors(u, s, vt, scale: float):
+def split_factors(u, s, vt, scale: float):
     """Split ``U diag(S) Vᵀ = scale · A @ B`` evenly: ``A = U √(S/scale)``, ``B = √(S/scale) Vᵀ``."""
     root = jnp.sqrt(s / scale)
     return u * root, root[:, None] * vt
@@ -35,8 +36,8 @@ def _principal(rank, *, smallest=False, niter=None, oversample=8, alpha=None, me
     def init_fn(key, w, calib=None):
         check_rank(rank, w.shape, method)
         u, sv, vt = truncated_svd(w, rank, smallest=smallest, niter=niter, oversample=oversample, key=key)
-        a, b = _factors(u, sv, vt, s)
-        return {"base": _residual(w, s * (a @ b))}, {"A": a, "B": b}
+        a, b = split_factors(u, sv, vt, s)
+        return {"base": residual(w, s * (a @ b))}, {"A": a, "B": b}
     return init_fn, lambda f, t: lowrank_delta(f, t, s)
 
 
@@ -64,7 +65,7 @@ def svfit(rank: int, *, niter: Optional[int] = None) -> Reparam:
     def init_fn(key, w, calib=None):
         check_rank(rank, w.shape, "svfit")
         u, s, vt = truncated_svd(w, rank, niter=niter, key=key)
-        return {"base": _residual(w, (u * s) @ vt), "U": u, "S": s, "Vt": vt}, {"delta": jnp.zeros_like(s)}
+        return {"base": residual(w, (u * s) @ vt), "U": u, "S": s, "Vt": vt}, {"delta": jnp.zeros_like(s)}
 
     def delta(frozen, trainable):
         return (frozen["U"] * (frozen["S"] + trainable["delta"])) @ frozen["Vt"]
@@ -80,7 +81,7 @@ def sorsa(rank: int, *, gamma: float = 4e-4, niter: Optional[int] = None) -> Rep
     def init_fn(key, w, calib=None):
         check_rank(rank, w.shape, "sorsa")
         u, s, vt = truncated_svd(w, rank, niter=niter, key=key)
-        return {"base": _residual(w, (u * s) @ vt)}, {"U": u, "S": s, "Vt": vt}
+        return {"base": residual(w, (u * s) @ vt)}, {"U": u, "S": s, "Vt": vt}
 
     def delta(frozen, trainable):
         return (trainable["U"] * trainable["S"]) @ trainable["Vt"]
@@ -121,8 +122,8 @@ def corda(rank: int, alpha: Optional[float] = None, *, mode: str = "ipm", damp: 
         c = _covariance(calib, w, "corda")
         c = c + damp * jnp.mean(jnp.diag(c)) * jnp.eye(c.shape[0], dtype=c.dtype)
         u, sv, vt = truncated_svd(c @ w.astype(jnp.float32), rank, smallest=(mode == "kpm"))
-        a, b = _factors(jnp.linalg.solve(c, u), sv, vt, s)
-        return {"base": _residual(w, s * (a @ b))}, {"A": a, "B": b}
+        a, b = split_factors(jnp.linalg.solve(c, u), sv, vt, s)
+        return {"base": residual(w, s * (a @ b))}, {"A": a, "B": b}
     return additive(fmt_name("corda", r=rank, alpha=alpha, mode=mode), init_fn,
                     lambda f, t: lowrank_delta(f, t, s), calib="cov")
 
