@@ -8,12 +8,15 @@ The public API, as a table of contents:
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
   kronecker   krona, lokr, compacter (S_i shared across layers), soka; kron_matmul (vec trick)
+  sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
+  compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   train       TrainState, init_state, make_train_step, make_eval_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
 """
-from reparam import checkpoint, kronecker, train
+from reparam import checkpoint, compose, kronecker, sparse, train
 from reparam.calibrate import capture_grads, capture_inputs
+from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Reparam, ReparamError, add, additive, frozen, full
 from reparam.kronecker import compacter, factorization, kron_matmul, krona, lokr, soka
 from reparam.linalg import truncated_svd
@@ -29,4 +32,5 @@ __all__ = [
     "lora", "dora", "lora_xs", "dylora", "pissa", "milora", "svfit", "sorsa", "corda", "eva",
     "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train", "checkpoint",
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
+    "sparse", "compose", "merge_adapters", "weight_deltas", "orthogonality_penalty",
 ]

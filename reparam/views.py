@@ -117,6 +117,9 @@ def from_matrix(view: View, m, shape: tuple[int, ...]):
     return w if inv == tuple(range(len(shape))) else w.transpose(inv)
 
 
+WEIGHT_SHAPED = ("grad", "diff")   # calibration kinds with the kernel's own shape (capture_grads, sparse.diffs)
+
+
 def viewed(t: Reparam, view: View, shape: tuple[int, ...]) -> Reparam:
     """``t`` lifted from matrices to kernels of ``shape``: reshape, and vmap over stacked axes.
 
@@ -135,6 +138,9 @@ def viewed(t: Reparam, view: View, shape: tuple[int, ...]) -> Reparam:
 
     def init(key, w, calib=None):
         m = to_matrix(view, w)
+        if calib is not None:   # weight-shaped statistics follow the weight into its matrix view
+            calib = {k: to_matrix(view, v) if k in WEIGHT_SHAPED and v.shape == w.shape else v
+                     for k, v in calib.items()}
         keys = jax.random.split(key, m.shape[:nb]) if nb else key
         fr, tr = lift(t.init)(keys, m, calib)
         if "base" in fr:

@@ -339,3 +339,17 @@ def test_shared_trainables_on_stacked_layers_are_not_vmapped():
     w = plan.apply(frozen, tr)["layers"]["dense"]["kernel"]
     t = tr["layers"]["dense"]["kernel"]
     np.testing.assert_allclose(w, params["layers"]["dense"]["kernel"] + t["shared"]["g"] * t["A"] @ t["B"], rtol=1e-5)
+
+
+def test_weight_shaped_calibration_follows_the_matrix_view(block):
+    m, params, x = block
+    plan = rp.plan([(r"query/kernel", rp.sparse.sensitivity(k=5)), (r"out/kernel", rp.lora_xs(2, basis="gradient"))],
+                   params)
+    loss = lambda p, b: jnp.sum(m.apply({"params": p}, b) ** 2)
+    calib = rp.capture_grads(loss, params, [x], paths=list(plan.calibrated()), progress=False)
+    assert calib["query/kernel"]["grad"].shape == (16, 4, 8)          # the kernel's own shape
+    frozen, trainable = plan.init(jax.random.key(0), params, calib=calib)
+    g = calib["query/kernel"]["grad"].reshape(16, 32)
+    top = np.sort(np.argsort(-np.abs(np.asarray(g)).ravel())[:5])
+    np.testing.assert_array_equal(frozen["query"]["kernel"]["idx"], top)
+    assert rel_err(plan.apply(frozen, trainable)["out"]["kernel"], params["out"]["kernel"]) < 1e-5
