@@ -2,11 +2,13 @@
 
 The public API, as a table of contents:
 
-  core        Reparam(init, apply) pair; additive(); combinators add, full, frozen
+  core        Reparam(init, apply) pair; additive(); combinators add, in_basis, full, frozen; Basis
   views       on_axes(): matrix view of >2-D kernels and nn.scan-stacked layers
   plan        plan(rules, params) -> Plan with init / apply / merge / penalty / summary
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
+  wavelet     bases wavelet_basis (periodized Haar/db2-4, multi-level), dct_basis, fourier_basis;
+              waveft, wara, fourierft (all in_basis compositions)
   kronecker   krona, lokr, compacter (S_i shared across layers), soka; kron_matmul (vec trick)
   sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
@@ -17,13 +19,14 @@ The public API, as a table of contents:
 from reparam import checkpoint, compose, kronecker, sparse, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
-from reparam.core import Reparam, ReparamError, add, additive, frozen, full
+from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
 from reparam.kronecker import compacter, factorization, kron_matmul, krona, lokr, soka
 from reparam.linalg import truncated_svd
 from reparam.lowrank import dora, dylora, lora, lora_xs
 from reparam.plan import Plan, plan
 from reparam.svd import corda, eva, eva_allocate, milora, pissa, sorsa, svfit
 from reparam.views import on_axes
+from reparam.wavelet import dct_basis, fourier_basis, fourierft, wara, wavelet_basis, waveft
 
 __version__ = "0.1.0"
 
@@ -32,5 +35,6 @@ __all__ = [
     "lora", "dora", "lora_xs", "dylora", "pissa", "milora", "svfit", "sorsa", "corda", "eva",
     "eva_allocate", "capture_inputs", "capture_grads", "truncated_svd", "train", "checkpoint",
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
-    "sparse", "compose", "merge_adapters", "weight_deltas", "orthogonality_penalty",
+    "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
+    "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
 ]
