@@ -43,6 +43,21 @@ METHODS: dict[str, Callable[[ml_collections.ConfigDict], Rules]] = {
     "sorsa": lambda c: adapter(rp.sorsa(c.rank)),
     "corda": lambda c: adapter(rp.corda(c.rank, c.alpha)),
     "eva": lambda c: adapter(rp.eva(c.rank, c.alpha)),
+    # wavelet / Fourier bases
+    "waveft": lambda c: adapter(rp.waveft(density=c.density)),
+    "wara": lambda c: adapter(rp.wara(c.rank, c.alpha)),
+    "fourierft": lambda c: adapter(rp.fourierft(c.fourier_n, scale=c.fourier_scale)),
+    # Kronecker
+    "krona": lambda c: adapter(rp.krona()),
+    "lokr": lambda c: adapter(rp.lokr(c.rank, c.alpha)),
+    "compacter": lambda c: adapter(rp.compacter(n=4, rank=c.rank)),
+    "soka": lambda c: adapter(rp.soka(energy=None, max_rank=c.rank)),
+    # sparse masks
+    "sparse": lambda c: adapter(rp.sparse.random(density=c.density)),
+    "sara": lambda c: adapter(rp.sparse.magnitude(density=c.density)),
+    "spt": lambda c: adapter(rp.sparse.sensitivity(density=c.density)),
+    "s2ft": lambda c: adapter(rp.sparse.structured(density=c.density, axis="out")),
+    "sltrain": lambda c: adapter(rp.add(rp.lora(c.rank // 2, c.alpha / 2), rp.sparse.random(density=c.density / 2))),
 }
 
 # Post-processing of captured statistics, per method (EVA redistributes ranks across layers).

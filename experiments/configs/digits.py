@@ -8,8 +8,12 @@ Runs in about two minutes on 2 CPU cores for all methods.
 """
 import ml_collections
 
-ALL_METHODS = ("full,head,lora,rslora,dora,lora_xs,lora_sb,dylora,pissa,pissa_rsvd,milora,svfit,sorsa,"
-               "corda,eva")
+ALL_METHODS = ("full,head,"
+               "lora,rslora,dora,lora_xs,lora_sb,dylora,"                 # low-rank
+               "pissa,pissa_rsvd,milora,svfit,sorsa,corda,eva,"           # SVD-principal
+               "waveft,wara,fourierft,"                                   # wavelet / Fourier bases
+               "krona,lokr,compacter,soka,"                               # Kronecker
+               "sparse,sara,spt,s2ft,sltrain")                            # sparse masks
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.rank = 8
     c.alpha = 16.0
     c.xs_rank = 32                  # LoRA-XS / LoRA-SB train an r x r core: r^2 parameters
+    c.density = 0.02                # sparse supports and WaveFT coefficients, per kernel
+    c.fourier_n = 1000              # FourierFT spectral coefficients per kernel
+    c.fourier_scale = 150.0         # FourierFT's s (PEFT's default)
 
     c.methods = ALL_METHODS         # comma-separated names from experiments.methods.METHODS
     c.output_dir = "runs/digits"
