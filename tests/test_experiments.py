@@ -61,7 +61,7 @@ def test_method_builds_a_plan(setup, name):
     else:
         assert adapted == {"hidden_0/kernel", "hidden_1/kernel", "head/kernel", "head/bias"}
         kinds = plan.calibrated()
-        expected = {"corda": "cov", "eva": "cov", "lora_sb": "grad"}.get(name)
+        expected = {"corda": "cov", "eva": "cov", "lora_sb": "grad", "spt": "grad"}.get(name)
         assert kinds == ({} if expected is None else {"hidden_0/kernel": expected, "hidden_1/kernel": expected})
 
 
