@@ -52,6 +52,10 @@ METHODS: dict[str, Callable[[ml_collections.ConfigDict], Rules]] = {
     "lokr": lambda c: adapter(rp.lokr(c.rank, c.alpha)),
     "compacter": lambda c: adapter(rp.compacter(n=4, rank=c.rank)),
     "soka": lambda c: adapter(rp.soka(energy=None, max_rank=c.rank)),
+    # random bases (regenerated from a key)
+    "vera": lambda c: adapter(rp.vera(256)),
+    "nola": lambda c: adapter(rp.nola(c.rank, num_a=64, num_b=64)),
+    "randlora": lambda c: adapter(rp.randlora(32)),
     # sparse masks
     "sparse": lambda c: adapter(rp.sparse.random(density=c.density)),
     "sara": lambda c: adapter(rp.sparse.magnitude(density=c.density)),
@@ -67,7 +71,9 @@ ALLOCATE: dict[str, Callable[[dict, ml_collections.ConfigDict], dict]] = {
 
 
 def names(methods: Union[str, Sequence[str]]) -> list[str]:
-    """``"lora,pissa"`` (or a list) -> ``["lora", "pissa"]``, each checked against :data:`METHODS`."""
+    """``"lora,pissa"`` (or a list) -> ``["lora", "pissa"]``, each checked against :data:`METHODS`; ``"all"``: all."""
+    if methods == "all":
+        return list(METHODS)
     out = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
     unknown = [m for m in out if m not in METHODS]
     if unknown or not out:

@@ -10,13 +10,14 @@ The public API, as a table of contents:
   wavelet     bases wavelet_basis (periodized Haar/db2-4, multi-level), dct_basis, fourier_basis;
               waveft, wara, fourierft (all in_basis compositions)
   kronecker   krona, lokr, compacter (S_i shared across layers), soka; kron_matmul (vec trick)
+  random_basis vera, nola, randlora (bases regenerated from a key held in frozen)
   sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   train       TrainState, init_state, make_train_step, make_eval_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
 """
-from reparam import checkpoint, compose, kronecker, sparse, train
+from reparam import checkpoint, compose, kronecker, random_basis, sparse, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
@@ -24,6 +25,7 @@ from reparam.kronecker import compacter, factorization, kron_matmul, krona, lokr
 from reparam.linalg import truncated_svd
 from reparam.lowrank import dora, dylora, lora, lora_xs
 from reparam.plan import Plan, plan
+from reparam.random_basis import nola, randlora, vera
 from reparam.svd import corda, eva, eva_allocate, milora, pissa, sorsa, svfit
 from reparam.views import on_axes
 from reparam.wavelet import dct_basis, fourier_basis, fourierft, wara, wavelet_basis, waveft

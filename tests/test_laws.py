@@ -40,7 +40,7 @@ def shapes(draw):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(shape=shapes())
 def test_init_is_noop_and_merge_equals_apply(name, shape):
     d_in, d_out, rank = shape
@@ -56,7 +56,7 @@ def test_init_is_noop_and_merge_equals_apply(name, shape):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(shape=shapes())
 def test_trainable_count_matches_formula(name, shape):
     d_in, d_out, rank = shape
