@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 import reparam as rp
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -34,7 +34,8 @@ from experiments import report
 from experiments.data import digits
 from experiments.models import MLP
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+if "config" not in flags.FLAGS:   # shared by the experiments CLIs, which import one another
+    config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 
 
 def make_fns(model) -> tuple[Callable, Callable]:
@@ -160,7 +161,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)      # absl's INFO lines (e.g. backend probing) are noise here
-    run(_CONFIG.value)
+    run(flags.FLAGS.config)
 
 
 if __name__ == "__main__":
