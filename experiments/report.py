@@ -54,13 +54,13 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
 def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
     """Three panels: training loss (smoothed) and test accuracy vs step, and final accuracy per method."""
     names = list(results["methods"])
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:len(names)] if len(names) > 10 else \
-        plt.get_cmap("tab10")(np.arange(len(names)))
+    palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    colors = [palette(i % palette.N) for i in range(len(names))]
     styles = ["-", "--", "-.", ":"]
     fig, (ax_loss, ax_acc, ax_bar) = plt.subplots(1, 3, figsize=(19, 6.5), gridspec_kw={"width_ratios": [5, 5, 4]})
     for i, name in enumerate(names):
         h = history[name]
-        kw = dict(color=colors[i], ls=styles[(i // 10) % len(styles)] if len(names) > 10 else "-", lw=1.4,
+        kw = dict(color=colors[i], ls=styles[(i // palette.N) % len(styles)] if len(names) > 10 else "-", lw=1.4,
                   label=name)
         ax_loss.plot(h["step"], _smooth(np.asarray(h["loss"]), 10), **kw)
         ax_acc.plot(h["eval_step"], 100 * np.asarray(h["acc"]), marker=".", ms=4, **kw)

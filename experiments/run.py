@@ -152,8 +152,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             show_summary=config.verbose or name == first_adapter)
 
     report.write_json(os.path.join(config.output_dir, "results.json"), results)
-    report.plot(os.path.join(config.output_dir, "results.png"), history, results)
     print("\n" + report.table(results), flush=True)
+    report.plot(os.path.join(config.output_dir, "results.png"), history, results)
     print(f"\nwrote {log_path}, results.json and results.png to {config.output_dir}", flush=True)
     return results
 

@@ -109,20 +109,23 @@ def _calib_array(calib, kind: str, w, method: str, fix: str):
     return g
 
 
+def _top_of_calib(method: str, kind: str, k, density, fix: str) -> Reparam:
+    """Support = the ``k`` entries of largest ``|calib[kind]|`` (a weight-shaped statistic)."""
+    def choose(key, w, calib):
+        n = support_size(w.shape, method, k=k, density=density)
+        return _top(jnp.abs(_calib_array(calib, kind, w, method, fix)).astype(jnp.float32), n)
+    return from_support(method, choose, calib=kind)
+
+
 def sensitivity(k: Optional[int] = None, density: Optional[float] = None) -> Reparam:
     """SPT's sparse part (He et al. 2023): support = the ``k`` largest ``|∂L/∂W|`` on calibration batches.
 
     Needs ``calib[path]["grad"]``, the mean full fine-tuning gradient from
     :func:`reparam.calibrate.capture_grads` over ``plan.calibrated()``.
     """
-    method = fmt_name("sparse.sensitivity", k=k, density=density)
-
-    def choose(key, w, calib):
-        n = support_size(w.shape, method, k=k, density=density)
-        g = _calib_array(calib, "grad", w, method, "pass calib=rp.capture_grads(loss_fn, params, batches, "
-                                                   "paths=list(plan.calibrated())) to plan.init")
-        return _top(jnp.abs(g).astype(jnp.float32), n)
-    return from_support(method, choose, calib="grad")
+    return _top_of_calib(fmt_name("sparse.sensitivity", k=k, density=density), "grad", k, density,
+                         "pass calib=rp.capture_grads(loss_fn, params, batches, paths=list(plan.calibrated())) "
+                         "to plan.init")
 
 
 def lt_sft(k: Optional[int] = None, density: Optional[float] = 0.01) -> Reparam:
@@ -136,14 +139,8 @@ def lt_sft(k: Optional[int] = None, density: Optional[float] = 0.01) -> Reparam:
     ranks globally.
     """
     density = None if k is not None else density
-    method = fmt_name("sparse.lt_sft", k=k, density=density)
-
-    def choose(key, w, calib):
-        n = support_size(w.shape, method, k=k, density=density)
-        d = _calib_array(calib, "diff", w, method, "pass calib=sparse.diffs(params0, params1, "
-                                                   "list(plan.calibrated())) to plan.init")
-        return _top(jnp.abs(d).astype(jnp.float32), n)
-    return from_support(method, choose, calib="diff")
+    return _top_of_calib(fmt_name("sparse.lt_sft", k=k, density=density), "diff", k, density,
+                         "pass calib=sparse.diffs(params0, params1, list(plan.calibrated())) to plan.init")
 
 
 def diffs(params0, params1, paths: Sequence[str]) -> dict:
