@@ -39,4 +39,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
+    "vera", "nola", "randlora", "random_basis",
 ]

@@ -61,6 +61,15 @@ def _wrap_error(leaf: Leaf, rules, err: Exception) -> ReparamError:
                         f"{rules[leaf.rule][1].name}): {err}")
 
 
+def _owners(leaves: Sequence[Leaf]) -> dict[int, int]:
+    """``{rule: index of its first leaf}`` for rules whose transform has shared trainables."""
+    owners: dict[int, int] = {}
+    for i, leaf in enumerate(leaves):
+        if leaf.transform is not None and leaf.transform.shared is not None:
+            owners.setdefault(leaf.rule, i)
+    return owners
+
+
 class Plan:
     """A static assignment of transforms to the leaves of one params structure."""
 
@@ -113,12 +122,7 @@ class Plan:
         return jnp.array(x, dtype=self.trainable_dtype if floating else x.dtype, copy=True)
 
     def _owners(self) -> dict[int, int]:
-        """``{rule: index of its first leaf}`` for rules whose transform has shared trainables."""
-        owners: dict[int, int] = {}
-        for i, leaf in enumerate(self.leaves):
-            if leaf.transform is not None and leaf.transform.shared is not None:
-                owners.setdefault(leaf.rule, i)
-        return owners
+        return _owners(self.leaves)
 
     def _per_leaf(self, trainable: PyTree):
         """``[(trainable without "shared", kwargs)]`` per leaf, ``kwargs`` carrying the rule's shared trainables."""
@@ -264,8 +268,7 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             shapes.append(jax.eval_shape(leaf.transform.init, key, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)))
         except ReparamError as e:
             raise _wrap_error(leaf, rules, e) from None
-    result = Plan(rules, leaves, treedef, trainable_dtype, shapes)
-    for rule, i in result._owners().items():    # shared trainables count once, at the rule's first leaf
+    for rule, i in _owners(leaves).items():    # shared trainables count once, at the rule's first leaf
         if shapes[i] is not None:
             shapes[i] = (shapes[i][0], {**shapes[i][1], "shared": jax.eval_shape(rules[rule][1].shared, key)})
-    return result
+    return Plan(rules, leaves, treedef, trainable_dtype, shapes)
