@@ -22,6 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from reparam.structure import Sum, dense
+
 Array = jax.Array
 PyTree = Any
 
@@ -51,6 +53,11 @@ class Reparam(NamedTuple):
         rule matches (Compacter's ``S_i``). The plan stores them once, under
         ``"shared"`` in the trainable entry of the rule's first leaf, and
         passes them to ``apply``/``delta`` of every leaf as ``shared=``.
+      structure: for additive transforms whose ``ΔW`` has a factored form,
+        ``(frozen, trainable) -> LowRank | Kron | Sparse | Sum``
+        (:mod:`reparam.structure`); the train step then computes the
+        trainable gradient from the layer's input and output cotangent
+        without forming ``dW`` (:mod:`reparam.matmul`). Same keywords as ``delta``.
     """
     init: Callable[..., tuple[PyTree, PyTree]]
     apply: Callable[..., Array]
@@ -61,6 +68,7 @@ class Reparam(NamedTuple):
     axes: Any = None
     calib: Optional[str] = None
     shared: Optional[Callable[[Array], PyTree]] = None
+    structure: Optional[Callable[..., Any]] = None
 
 
 def fmt_name(method: str, **hparams) -> str:
@@ -70,8 +78,13 @@ def fmt_name(method: str, **hparams) -> str:
     return f"{method}({args})"
 
 
-def additive(name: str, init: Callable, delta: Callable, **fields) -> Reparam:
+def additive(name: str, init: Callable, delta: Optional[Callable] = None, *,
+             structure: Optional[Callable] = None, **fields) -> Reparam:
     """Makes ``W = frozen["base"] + delta(frozen, trainable)`` from ``init`` and ``delta``.
+
+    Give ``structure`` instead of ``delta`` when ``ΔW`` has a factored form
+    (:mod:`reparam.structure`): ``delta`` is then its dense matrix, and the
+    train step's hot path uses the structure.
 
     ``init(key, w, calib) -> (frozen, trainable)`` must put the base in
     ``frozen["base"]``: ``w`` itself (no copy) or a rewrite of it. The sum is
@@ -79,10 +92,17 @@ def additive(name: str, init: Callable, delta: Callable, **fields) -> Reparam:
     dtype, so a bf16 base with f32 adapters gives bf16 weights whose gradient
     reaches the f32 adapters.
     """
+    if delta is None:
+        if structure is None:
+            raise ReparamError(f"additive({name!r}) needs a delta or a structure.")
+
+        def delta(frozen, trainable, **kw):
+            return dense(structure(frozen, trainable, **kw), frozen["base"].shape[-2:])
+
     def apply(frozen, trainable, **kw):
         base = frozen["base"]
         return (base + delta(frozen, trainable, **kw)).astype(base.dtype)
-    return Reparam(init=init, apply=apply, name=name, delta=delta, **fields)
+    return Reparam(init=init, apply=apply, name=name, delta=delta, structure=structure, **fields)
 
 
 def full() -> Reparam:
@@ -141,8 +161,14 @@ def add(*transforms: Reparam) -> Reparam:
         return sum(t.penalty({**f, "base": frozen["base"]}, tr)
                    for t, f, tr in zip(transforms, frozen["parts"], trainable) if t.penalty is not None)
 
+    def structure(frozen, trainable, rng=None):
+        keys = [None] * len(transforms) if rng is None else list(jax.random.split(rng, len(transforms)))
+        return Sum(tuple(t.structure({**f, "base": frozen["base"]}, tr, **({"rng": k} if t.stochastic else {}))
+                         for t, f, tr, k in zip(transforms, frozen["parts"], trainable, keys)))
+
     calibs = {t.calib for t in transforms if t.calib}
     return additive("add(" + ", ".join(t.name for t in transforms) + ")", init, delta,
+                    structure=structure if all(t.structure for t in transforms) else None,
                     penalty=penalty if any(t.penalty for t in transforms) else None,
                     stochastic=stochastic, calib=",".join(sorted(calibs)) or None)
 

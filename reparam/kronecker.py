@@ -17,6 +17,7 @@ import numpy as np
 from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
 from reparam.linalg import truncated_svd
 from reparam.lowrank import init_a, lora_scale
+from reparam.structure import Kron
 from reparam.svd import split_factors, residual
 
 
@@ -150,7 +151,7 @@ def krona(a_shape=None, scale: float = 1.0, *, factor: int = -1, zero: str = "B"
 
     return additive(fmt_name("krona", a=a_shape, factor=None if factor == -1 else factor,
                              s=None if scale == 1.0 else scale),
-                    init_fn, lambda f, t: scale * jnp.kron(t["A"], t["B"]))
+                    init_fn, structure=lambda f, t: Kron(scale * t["A"][None], t["B"][None]))
 
 
 def lokr(rank: int, alpha: Optional[float] = None, *, factor: int = -1,
@@ -183,13 +184,13 @@ def lokr(rank: int, alpha: Optional[float] = None, *, factor: int = -1,
             tr.update(B=init_a(kb1, ni, no, "peft"))
         return {"base": w}, tr
 
-    def delta(frozen, t):
+    def structure(frozen, t):
         a = t["A"] if "A" in t else t["A1"] @ t["A2"]
         b = t["B"] if "B" in t else t["B1"] @ t["B2"]
-        return s * jnp.kron(a, b)
+        return Kron(s * a[None], b[None])
 
     return additive(fmt_name("lokr", r=rank, alpha=alpha, factor=None if factor == -1 else factor,
-                             decompose_both=decompose_both), init_fn, delta)
+                             decompose_both=decompose_both), init_fn, structure=structure)
 
 
 def compacter(n: int = 4, rank: int = 1, *, scale: float = 1.0) -> Reparam:
@@ -214,10 +215,11 @@ def compacter(n: int = 4, rank: int = 1, *, scale: float = 1.0) -> Reparam:
         u = jax.vmap(lambda k: init_a(k, d_in // n, rank, "peft"))(jax.random.split(key, n))
         return {"base": w}, {"u": u, "v": jnp.zeros((n, rank, d_out // n), jnp.float32)}
 
-    def delta(frozen, t, shared):
-        return scale * kron_sum(shared["S"], jnp.einsum("kir,kro->kio", t["u"], t["v"]))
+    def structure(frozen, t, shared):
+        return Kron(scale * shared["S"], jnp.einsum("kir,kro->kio", t["u"], t["v"]))
 
-    return additive(fmt_name("compacter", n=n, r=rank, s=None if scale == 1.0 else scale), init_fn, delta,
+    return additive(fmt_name("compacter", n=n, r=rank, s=None if scale == 1.0 else scale), init_fn,
+                    structure=structure,
                     shared=lambda key: {"S": jax.random.normal(key, (n, n, n), jnp.float32) / math.sqrt(n)})
 
 
@@ -254,4 +256,4 @@ def soka(energy: Optional[float] = 0.9, max_rank: Optional[int] = None, *, a_sha
 
     return additive(fmt_name("soka", energy=energy, max_rank=max_rank, a=a_shape,
                              factor=None if factor == -1 else factor, niter=niter),
-                    init_fn, lambda f, t: kron_sum(t["A"], t["B"]))
+                    init_fn, structure=lambda f, t: Kron(t["A"], t["B"]))

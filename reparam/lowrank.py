@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
 from reparam.linalg import truncated_svd
+from reparam.structure import LowRank
 
 
 def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False) -> float:
@@ -24,6 +25,11 @@ def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False) -> float
 def lowrank_delta(frozen, trainable, scale: float = 1.0):
     """``ΔW = s · A @ B``."""
     return scale * (trainable["A"] @ trainable["B"])
+
+
+def lowrank_structure(scale: float = 1.0):
+    """``(frozen, trainable) -> LowRank(s·A, B)``: the factored form of ``ΔW = s · A @ B``."""
+    return lambda frozen, trainable: LowRank(scale * trainable["A"], trainable["B"])
 
 
 def init_a(key, d_in: int, rank: int, how: str, dtype=jnp.float32):
@@ -53,7 +59,7 @@ def lora(rank: int, alpha: Optional[float] = None, *, rslora: bool = False, init
     """
     s = lora_scale(rank, alpha, rslora)
     return additive(fmt_name("rslora" if rslora else "lora", r=rank, alpha=alpha),
-                    _lora_init(rank, init, "lora"), lambda f, t: lowrank_delta(f, t, s))
+                    _lora_init(rank, init, "lora"), structure=lowrank_structure(s))
 
 
 def col_norm(v):
@@ -115,10 +121,10 @@ def lora_xs(rank: int, *, basis: str = "weight", lr: float = 1e-3) -> Reparam:
         base = (w - (u @ r0 @ vt).astype(w.dtype)).astype(w.dtype)
         return {"base": base, "U": u, "Vt": vt}, {"R": r0}
 
-    def delta(frozen, trainable):
-        return frozen["U"] @ trainable["R"] @ frozen["Vt"]
+    def structure(frozen, trainable):
+        return LowRank(frozen["U"] @ trainable["R"], frozen["Vt"])
 
-    return additive(fmt_name(method, r=rank), init_fn, delta,
+    return additive(fmt_name(method, r=rank), init_fn, structure=structure,
                     calib="grad" if basis == "gradient" else None)
 
 
@@ -135,10 +141,10 @@ def dylora(rank: int, alpha: Optional[float] = None, *, init: str = "peft",
     if not 1 <= eval_rank <= rank:
         raise ReparamError(f"dylora: eval_rank must be in [1, {rank}], got {eval_rank}.")
 
-    def delta(frozen, trainable, rng=None):
+    def structure(frozen, trainable, rng=None):
         b = eval_rank if rng is None else jax.random.randint(rng, (), 1, rank + 1)
         mask = (jnp.arange(rank) < b).astype(trainable["A"].dtype)
-        return (alpha / b) * ((trainable["A"] * mask) @ trainable["B"])
+        return LowRank((alpha / b) * (trainable["A"] * mask), trainable["B"])
 
-    return additive(fmt_name("dylora", r=rank, alpha=alpha), _lora_init(rank, init, "dylora"), delta,
+    return additive(fmt_name("dylora", r=rank, alpha=alpha), _lora_init(rank, init, "dylora"), structure=structure,
                     stochastic=True)

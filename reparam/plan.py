@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reparam import views
+from reparam import matmul, structure, views
 from reparam.core import Reparam, ReparamError
 
 PyTree = Any
@@ -77,6 +77,7 @@ class Plan:
         self.rules, self.leaves, self.treedef = list(rules), tuple(leaves), treedef
         self.trainable_dtype = trainable_dtype
         self._shapes = shapes   # per leaf: (frozen, trainable) ShapeDtypeStructs or None (data-driven)
+        self.routing: dict[str, tuple[str, int]] = {}   # filled when a train step traces: path -> (forward, tokens)
 
     # --- init / apply / merge -------------------------------------------------------------
     def init(self, key: jax.Array, params: PyTree, calib: Optional[dict] = None):
@@ -138,17 +139,28 @@ class Plan:
 
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
+        return self.routed(frozen, trainable, rng, route=False)[0]
+
+    def routed(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None, *,
+               route: bool = True) -> tuple[PyTree, dict]:
+        """``(params, hot)``: the effective params (as :meth:`apply`) and, for each adapted leaf whose
+        transform declares a ΔW structure on an un-stacked view, a :class:`reparam.matmul.Hot` keyed by
+        the id of its array in ``params`` -- what :func:`reparam.matmul.intercept` routes."""
         fl = self.treedef.flatten_up_to(frozen)
-        out = []
+        out, hot = [], {}
         for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
             t = leaf.transform
             if t is None:
                 out.append(f["base"])
-            elif t.stochastic:
-                out.append(t.apply(f, tr, rng=None if rng is None else jax.random.fold_in(rng, i), **kw))
-            else:
-                out.append(t.apply(f, tr, **kw))
-        return self.treedef.unflatten(out)
+                continue
+            if t.stochastic:
+                kw = {**kw, "rng": None if rng is None else jax.random.fold_in(rng, i)}
+            w = t.apply(f, tr, **kw)
+            out.append(w)
+            if route and t.structure is not None and leaf.view is not None and not leaf.view.batch:
+                hot[id(w)] = matmul.Hot(w, views.to_matrix(leaf.view, f["base"]), t.structure(f, tr, **kw),
+                                        leaf.view, leaf.path)
+        return self.treedef.unflatten(out), hot
 
     def merge(self, frozen: PyTree, trainable: PyTree) -> PyTree:
         """Bakes every transform into plain params (eval mode): zero inference cost."""
@@ -181,10 +193,47 @@ class Plan:
         return [None if s is None else sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(s[1]))
                 for s in self._shapes]
 
+    def matmul_routes(self, trainable: Optional[PyTree] = None) -> dict[str, Optional[int]]:
+        """``{path: crossover}`` for every adapted leaf: the train step's forward is factored below
+        ``crossover`` tokens per call and materialised above (:func:`reparam.structure.crossover`);
+        ``None`` where the leaf trains by plain autodiff (no structure, or a stacked view), ``-1``
+        where the shapes are not known yet (a data-driven init before ``plan.init``)."""
+        if trainable is None:
+            trainable = self.treedef.unflatten([{} if s is None else s[1] for s in self._shapes])
+        out = {}
+        for leaf, s, (tr, kw) in zip(self.leaves, self._shapes, self._per_leaf(trainable)):
+            t = leaf.transform
+            if t is None:
+                continue
+            if t.structure is None or leaf.view is None or leaf.view.batch:
+                out[leaf.path] = None
+            elif s is None or not tr:
+                out[leaf.path] = -1
+            else:
+                st = jax.eval_shape(lambda f, x: t.structure(f, x, **kw), s[0], tr)
+                m = views.to_matrix(leaf.view, np.empty(leaf.shape, np.int8)).shape
+                out[leaf.path] = structure.crossover(st, m)
+        return out
+
+    def _matmul_cell(self, path: str, crossover: Optional[int]) -> str:
+        if crossover is None:
+            return "autodiff"
+        rule = "custom-vjp" if crossover < 0 else f"custom-vjp, factored < {crossover} tok"
+        if path in self.routing:
+            mode, tokens = self.routing[path]
+            return f"{mode} @ {tokens} tok ({rule})"
+        return rule
+
     def summary(self, trainable: Optional[PyTree] = None) -> str:
-        """A table of adapted paths: shape, matrix view, transform, trainable count; totals."""
+        """A table of adapted paths: shape, matrix view, transform, train-step matmul, trainable count; totals.
+
+        The matmul column says how the train step computes the leaf: ``autodiff`` (through the
+        materialised weight) or ``custom-vjp`` with the token count below which its forward is
+        factored; after a train step has been traced, the forward it chose at how many tokens.
+        """
         counts = self.trainable_counts(trainable)
-        rows = [("path", "shape", "view", "transform", "trainable")]
+        routes = self.matmul_routes(trainable)
+        rows = [("path", "shape", "view", "transform", "matmul", "trainable")]
         n_total = sum(math.prod(leaf.shape) for leaf in self.leaves)
         n_frozen_leaves = 0
         for leaf, c in zip(self.leaves, counts):
@@ -194,17 +243,18 @@ class Plan:
             v = leaf.view
             view = "" if v is None or v.is_trivial() else f"b{v.batch} in{v.inp} out{v.out}"
             rows.append((leaf.path, "x".join(map(str, leaf.shape)), view, leaf.transform.name,
-                         "?" if c is None else f"{c:,}"))
+                         self._matmul_cell(leaf.path, routes[leaf.path]), "?" if c is None else f"{c:,}"))
         n_train = sum(c or 0 for c in counts)
-        widths = [max(len(r[j]) for r in rows) for j in range(5)]
-        fmt = lambda r: "  ".join(x.rjust(w) if j == 4 else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))
+        widths = [max(len(r[j]) for r in rows) for j in range(6)]
+        fmt = lambda r: "  ".join(x.rjust(w) if j == 5 else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))
         lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
         lines.append(f"{n_frozen_leaves} other leaves frozen.")
         for i, (regex, t) in enumerate(self.rules):
             hits = [c for leaf, c in zip(self.leaves, counts) if leaf.rule == i]
             lines.append(f"rule {i}: {regex!r} -> {t.name}: {len(hits)} leaves, "
                          f"{sum(c or 0 for c in hits):,} trainable")
-        unknown = " (data-driven leaves not yet initialised: pass trainable)" if None in counts else ""
+        pending = any(c is None for leaf, c in zip(self.leaves, counts) if leaf.transform is not None)
+        unknown = " (data-driven leaves not yet initialised: pass trainable)" if pending else ""
         lines.append(f"total: {n_train:,} trainable of {n_total:,} base params "
                      f"({100.0 * n_train / max(n_total, 1):.4f}%){unknown}")
         return "\n".join(lines)

@@ -29,6 +29,7 @@ from jax.extend.random import threefry_2x32
 
 from reparam.core import Reparam, ReparamError, additive, fmt_name
 from reparam.lowrank import lora_scale
+from reparam.structure import LowRank
 
 _SQRT3 = math.sqrt(3.0)
 _STREAM_SHIFT = 28      # row indices < 2^28; 16 streams per key
@@ -110,10 +111,10 @@ def vera_basis(key, d_in: int, d_out: int, rank: int, fan_in: Optional[int] = No
 
 def _vera_core(key, d, b, d_in, d_out, rank, fan_in):
     a, bb = vera_basis(key, d_in, d_out, rank, fan_in)
-    return (a * d) @ (bb * b)
+    return a * d, bb * b
 
 
-_vera_delta = _cached(_vera_core, 4)
+_vera_factors = _cached(_vera_core, 4)
 
 
 def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int] = None) -> Reparam:
@@ -140,11 +141,12 @@ def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int]
         return ({"base": w, "key": _seed_key(seed)},
                 {"d": jnp.full((rank,), d_init, jnp.float32), "b": jnp.zeros((w.shape[1],), jnp.float32)})
 
-    def delta(frozen, trainable):
+    def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
-        return _vera_delta(frozen["key"], trainable["d"], trainable["b"], d_in, d_out, rank, fan_in)
+        return LowRank(*_vera_factors(frozen["key"], trainable["d"], trainable["b"], d_in, d_out, rank, fan_in))
 
-    return additive(fmt_name("vera", r=rank, seed=seed, d_init=d_init, fan_in=fan_in), init_fn, delta)
+    return additive(fmt_name("vera", r=rank, seed=seed, d_init=d_init, fan_in=fan_in), init_fn,
+                    structure=structure)
 
 
 # --- NOLA ----------------------------------------------------------------------------------------
@@ -175,10 +177,10 @@ def _nola_core(key, ca, cb, d_in, d_out, rank, chunk):
         a, b = wa @ u, wb @ v
     else:
         a, b = _mix(key, 0, wa, d_in * rank, chunk), _mix(key, 1, wb, rank * d_out, chunk)
-    return a.reshape(d_in, rank) @ b.reshape(rank, d_out)
+    return a.reshape(d_in, rank), b.reshape(rank, d_out)
 
 
-_nola_delta = _cached(_nola_core, 4)
+_nola_factors = _cached(_nola_core, 4)
 
 
 def nola(rank: int, num_a: int = 1024, num_b: int = 1024, alpha: Optional[float] = None, *,
@@ -206,11 +208,13 @@ def nola(rank: int, num_a: int = 1024, num_b: int = 1024, alpha: Optional[float]
         k = _seed_key(seed) if seed is not None else _typed(key)
         return {"base": w, "key": k}, {"a": jnp.zeros((num_a,), jnp.float32), "b": jnp.zeros((num_b,), jnp.float32)}
 
-    def delta(frozen, trainable):
+    def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
-        return s * _nola_delta(frozen["key"], trainable["a"], trainable["b"], d_in, d_out, rank, chunk)
+        a, b = _nola_factors(frozen["key"], trainable["a"], trainable["b"], d_in, d_out, rank, chunk)
+        return LowRank(s * a, b)
 
-    return additive(fmt_name("nola", r=rank, num_a=num_a, num_b=num_b, alpha=alpha, seed=seed), init_fn, delta)
+    return additive(fmt_name("nola", r=rank, num_a=num_a, num_b=num_b, alpha=alpha, seed=seed), init_fn,
+                    structure=structure)
 
 
 # --- RandLoRA ------------------------------------------------------------------------------------
@@ -241,10 +245,10 @@ def randlora_basis(key, min_dim: int, max_dim: int, rank: int):
 def _randlora_core(key, lam, gam, lo, hi, rank):
     a, b2 = _randlora_blocks(key, lo, hi, rank)                          # [min, r], [max, N·r]
     m = gam.T[:, :, None] * a[:, None, :] * lam.T[None]                 # [min, N, r]: diag(γ_n) A diag(λ_n)
-    return 3.0 * (m.reshape(lo, -1) @ b2.T)                             # [min, max]; 3 = √3·√3
+    return 3.0 * m.reshape(lo, -1), b2.T                                # [min, N·r], [N·r, max]; 3 = √3·√3
 
 
-_randlora_delta = _cached(_randlora_core, 3)
+_randlora_factors = _cached(_randlora_core, 3)
 
 
 def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper", seed: int = 0) -> Reparam:
@@ -276,11 +280,12 @@ def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper"
         return ({"base": w, "key": _seed_key(seed)},
                 {"lambda": jnp.zeros((rank, n), jnp.float32), "gamma": jnp.full((n, lo), 1.0 / lo, jnp.float32)})
 
-    def delta(frozen, trainable):
+    def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
         lo, hi, n = min(d_in, d_out), max(d_in, d_out), num_bases(d_in, d_out, rank)
         s = lora_scale(rank, alpha_) / (math.sqrt(n) if scaling == "paper" else 1.0)
-        dw = s * _randlora_delta(frozen["key"], trainable["lambda"], trainable["gamma"], lo, hi, rank)
-        return dw if d_in <= d_out else dw.T
+        m, b = _randlora_factors(frozen["key"], trainable["lambda"], trainable["gamma"], lo, hi, rank)
+        return LowRank(s * m, b) if d_in <= d_out else LowRank(b.T, s * m.T)     # ΔW or its transpose
 
-    return additive(fmt_name("randlora", r=rank, alpha=alpha, scaling=scaling, seed=seed), init_fn, delta)
+    return additive(fmt_name("randlora", r=rank, alpha=alpha, scaling=scaling, seed=seed), init_fn,
+                    structure=structure)

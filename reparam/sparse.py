@@ -22,6 +22,7 @@ import numpy as np
 
 from reparam.core import Reparam, ReparamError, additive, fmt_name
 from reparam.plan import path_str
+from reparam.structure import Sparse, dense
 
 
 def _count(n: int, what: str, method: str, k, density) -> int:
@@ -50,10 +51,7 @@ def support_size(shape: tuple[int, ...], method: str, *, k: Optional[int] = None
 def scatter(frozen, trainable, scale: float = 1.0):
     """``ΔW = s · scatter(idx, values)`` into a zero ``[d_in, d_out]`` matrix of ``frozen["base"]``'s shape."""
     shape = frozen["base"].shape[-2:]
-    v = trainable["values"]
-    flat = jnp.zeros(shape[0] * shape[1], v.dtype).at[frozen["idx"]].set(v, indices_are_sorted=True,
-                                                                       unique_indices=True)
-    return scale * flat.reshape(shape)
+    return dense(Sparse(frozen["idx"], scale * trainable["values"], shape[1]), shape)
 
 
 def from_support(name: str, choose, scale: float = 1.0, **fields) -> Reparam:
@@ -61,7 +59,8 @@ def from_support(name: str, choose, scale: float = 1.0, **fields) -> Reparam:
     def init_fn(key, w, calib=None):
         idx = jnp.sort(choose(key, w, calib)).astype(jnp.int32)
         return {"base": w, "idx": idx}, {"values": jnp.zeros(idx.shape, jnp.float32)}
-    return additive(name, init_fn, lambda f, t: scatter(f, t, scale), **fields)
+    return additive(name, init_fn, structure=lambda f, t: Sparse(f["idx"], scale * t["values"], f["base"].shape[-1]),
+                    **fields)
 
 
 def random(*, k: Optional[int] = None, density: Optional[float] = None, scale: float = 1.0) -> Reparam:

@@ -14,7 +14,8 @@ import numpy as np
 
 from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
 from reparam.linalg import truncated_svd
-from reparam.lowrank import lora_scale, lowrank_delta
+from reparam.lowrank import lora_scale, lowrank_structure
+from reparam.structure import LowRank
 
 
 def residual(w, part):
@@ -37,7 +38,7 @@ def _principal(rank, *, smallest=False, niter=None, oversample=8, alpha=None, me
         u, sv, vt = truncated_svd(w, rank, smallest=smallest, niter=niter, oversample=oversample, key=key)
         a, b = split_factors(u, sv, vt, s)
         return {"base": residual(w, s * (a @ b))}, {"A": a, "B": b}
-    return init_fn, lambda f, t: lowrank_delta(f, t, s)
+    return init_fn, lowrank_structure(s)
 
 
 def pissa(rank: int, alpha: Optional[float] = None, *, niter: Optional[int] = None,
@@ -50,13 +51,13 @@ def pissa(rank: int, alpha: Optional[float] = None, *, niter: Optional[int] = No
     ``q`` subspace iterations (PEFT ``"pissa_niter_q"``), seconds instead of minutes.
     """
     init_fn, delta = _principal(rank, niter=niter, oversample=oversample, alpha=alpha)
-    return additive(fmt_name("pissa", r=rank, alpha=alpha, niter=niter), init_fn, delta)
+    return additive(fmt_name("pissa", r=rank, alpha=alpha, niter=niter), init_fn, structure=delta)
 
 
 def milora(rank: int, alpha: Optional[float] = None) -> Reparam:
     """MiLoRA (Wang et al. 2024): PiSSA on the ``rank`` SMALLEST singular components (exact SVD)."""
     init_fn, delta = _principal(rank, smallest=True, alpha=alpha, method="milora")
-    return additive(fmt_name("milora", r=rank, alpha=alpha), init_fn, delta)
+    return additive(fmt_name("milora", r=rank, alpha=alpha), init_fn, structure=delta)
 
 
 def svfit(rank: int, *, niter: Optional[int] = None) -> Reparam:
@@ -66,9 +67,9 @@ def svfit(rank: int, *, niter: Optional[int] = None) -> Reparam:
         u, s, vt = truncated_svd(w, rank, niter=niter, key=key)
         return {"base": residual(w, (u * s) @ vt), "U": u, "S": s, "Vt": vt}, {"delta": jnp.zeros_like(s)}
 
-    def delta(frozen, trainable):
-        return (frozen["U"] * (frozen["S"] + trainable["delta"])) @ frozen["Vt"]
-    return additive(fmt_name("svfit", r=rank, niter=niter), init_fn, delta)
+    def structure(frozen, trainable):
+        return LowRank(frozen["U"] * (frozen["S"] + trainable["delta"]), frozen["Vt"])
+    return additive(fmt_name("svfit", r=rank, niter=niter), init_fn, structure=structure)
 
 
 def sorsa(rank: int, *, gamma: float = 4e-4, niter: Optional[int] = None) -> Reparam:
@@ -82,14 +83,14 @@ def sorsa(rank: int, *, gamma: float = 4e-4, niter: Optional[int] = None) -> Rep
         u, s, vt = truncated_svd(w, rank, niter=niter, key=key)
         return {"base": residual(w, (u * s) @ vt)}, {"U": u, "S": s, "Vt": vt}
 
-    def delta(frozen, trainable):
-        return (trainable["U"] * trainable["S"]) @ trainable["Vt"]
+    def structure(frozen, trainable):
+        return LowRank(trainable["U"] * trainable["S"], trainable["Vt"])
 
     def penalty(frozen, trainable):
         u, vt = trainable["U"], trainable["Vt"]
         eye = jnp.eye(u.shape[-1], dtype=u.dtype)
         return gamma * (jnp.sum(jnp.square(u.T @ u - eye)) + jnp.sum(jnp.square(vt @ vt.T - eye)))
-    return additive(fmt_name("sorsa", r=rank, gamma=gamma), init_fn, delta, penalty=penalty)
+    return additive(fmt_name("sorsa", r=rank, gamma=gamma), init_fn, structure=structure, penalty=penalty)
 
 
 def _covariance(calib, w, method):
@@ -124,7 +125,7 @@ def corda(rank: int, alpha: Optional[float] = None, *, mode: str = "ipm", damp: 
         a, b = split_factors(jnp.linalg.solve(c, u), sv, vt, s)
         return {"base": residual(w, s * (a @ b))}, {"A": a, "B": b}
     return additive(fmt_name("corda", r=rank, alpha=alpha, mode=mode), init_fn,
-                    lambda f, t: lowrank_delta(f, t, s), calib="cov")
+                    structure=lowrank_structure(s), calib="cov")
 
 
 def eva(rank: int, alpha: Optional[float] = None) -> Reparam:
@@ -143,7 +144,7 @@ def eva(rank: int, alpha: Optional[float] = None) -> Reparam:
         check_rank(r, w.shape, "eva")
         _, vecs = jnp.linalg.eigh(c)
         return {"base": w}, {"A": vecs[:, ::-1][:, :r], "B": jnp.zeros((r, w.shape[1]), jnp.float32)}
-    return additive(fmt_name("eva", r=rank, alpha=alpha), init_fn, lambda f, t: lowrank_delta(f, t, s),
+    return additive(fmt_name("eva", r=rank, alpha=alpha), init_fn, structure=lowrank_structure(s),
                     calib="cov")
 
 

@@ -1,0 +1,186 @@
+"""The hot path: ``y = x @ (W0 + ΔW(θ))`` whose backward never forms the full ``dW = xᵀg``.
+
+Plain autodiff through a materialised weight computes the full weight gradient
+``xᵀg`` for every adapted kernel -- full fine-tuning's backward cost -- and only
+then projects it onto the adapter. A transform whose ``ΔW`` has structure
+declares it (``Reparam.structure``), and the train step routes the layer's dot
+product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
+
+    forward   materialised:  y = x @ (W0 + ΔW)                  (N·d·k + cost of forming ΔW)
+              factored:      y = x @ W0 + matvec(ΔW, x)          (N·d·k + N·cost(matvec))
+    backward  dx = g @ Wᵀ (or gW0ᵀ + matvecᵀ(g) when factored)
+              dθ = the pullback of ``s ↦ matvec(s, x)`` at g, i.e. the gradient of the
+                   structure's arrays straight from the layer's input x and output cotangent g:
+                   low rank ΔW = L@R:         dL = xᵀ(gRᵀ), dR = (xL)ᵀg          (rank-r products)
+                   Kronecker ΔW = Σ A_k⊗B_k:  the vec trick on x, g [N, a·b]
+                   sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (k entries only)
+
+The cheaper forward is chosen per call from the shapes and the tokens ``N``
+(:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
+installs a ``nn.intercept_methods`` hook that recognises ``nn.Dense`` and
+``nn.DenseGeneral`` calls whose kernel is exactly (same traced array) an adapted
+weight of the plan, and runs the op instead; everything else runs as written, on
+the materialised weights, so a call the hook does not recognise is still correct.
+
+The hook also puts a *cotangent barrier* after every ``nn.LayerNorm`` and
+``nn.RMSNorm``: an identity whose backward divides by a runtime ``1.0``. XLA:CPU
+otherwise re-computes the residual stream's LayerNorm-backward chain inside every
+consumer's transposing fusion (PERF_NOTES: 558 ms per MiniLM step); a divide is
+"expensive" to XLA, so it is computed once. Values and gradients are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reparam import views
+from reparam.structure import dense, matvec, prefer_factored
+
+Array = jax.Array
+
+
+# --- the op -------------------------------------------------------------------------------------
+def _weight(base, s, dtype):
+    return (base.astype(jnp.float32) + dense(s, base.shape)).astype(base.dtype).astype(dtype)
+
+
+@jax.custom_vjp
+def _materialised(x, base, s):
+    return x @ _weight(base, s, x.dtype)
+
+
+def _materialised_fwd(x, base, s):
+    w = _weight(base, s, x.dtype)
+    return x @ w, (x, w, s)
+
+
+def _materialised_bwd(res, g):
+    x, w, s = res
+    _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
+    (ds,) = pull(g)
+    return g @ w.T, None, ds
+
+
+_materialised.defvjp(_materialised_fwd, _materialised_bwd)
+
+
+def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = None) -> Array:
+    """``x @ (base + ΔW)`` for ``x [N, d_in]``, ``base [d_in, d_out]`` (frozen) and a structure ``s``.
+
+    ``factored=None`` picks the cheaper forward (:func:`prefer_factored`). Both
+    paths give the same values and gradients as plain autodiff through the
+    materialised weight (up to float rounding); neither forms ``xᵀg``.
+    """
+    if factored is None:
+        factored = prefer_factored(s, base.shape, x.shape[0])
+    if factored:
+        # plain autodiff of the factored form is already rank-r / vec-trick / support-only
+        return x @ jax.lax.stop_gradient(base).astype(x.dtype) + matvec(s, x)
+    return _materialised(x, jax.lax.stop_gradient(base), s)
+
+
+@jax.custom_vjp
+def cotangent_barrier(y: Array, one: Array) -> Array:
+    """Identity in the forward; the backward returns ``g / one`` (``one`` a runtime 1.0).
+
+    Forces XLA to compute the cotangent once instead of re-fusing its producer
+    chain into each consumer (see the module docstring)."""
+    return y
+
+
+def _barrier_fwd(y, one):
+    return y, one
+
+
+def _barrier_bwd(one, g):
+    return (g / one.astype(g.dtype), None)
+
+
+cotangent_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+def runtime_one(step: Array) -> Array:
+    """A float32 1.0 that XLA cannot constant-fold (it depends on the runtime ``step``)."""
+    return jnp.where(step >= 0, jnp.float32(1.0), jnp.float32(2.0))
+
+
+# --- routing ordinary Flax modules through the op ------------------------------------------------
+class Hot(NamedTuple):
+    """What the hook needs about one adapted kernel."""
+    kernel: Array           # the materialised kernel placed in the params (kept alive: keys are its id)
+    base: Array             # the frozen base as a [d_in, d_out] matrix
+    structure: Any          # the ΔW structure (traced, from the trainables)
+    view: views.View
+    path: str
+
+
+def _dense_layout(mod, kernel_shape, view: views.View) -> Optional[int]:
+    """Number of contracted input axes if ``mod`` computes ``x @ kernel`` over its trailing axes, else None."""
+    if mod.dot_general is not None or mod.dot_general_cls is not None:
+        return None
+    if type(mod) is nn.Dense:
+        n_in = 1
+    elif type(mod) is nn.DenseGeneral:
+        if mod.batch_dims:
+            return None
+        axes = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
+        n_in = len(axes)
+    else:
+        return None
+    if view.batch or view.inp != tuple(range(n_in)) or view.out != tuple(range(n_in, len(kernel_shape))):
+        return None
+    return n_in
+
+
+def _run_dense(mod, hot: Hot, x, n_in: int, record: dict, mode: Optional[bool]):
+    x = jnp.asarray(x)
+    if type(mod) is nn.DenseGeneral:
+        axes = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
+        if tuple(a % x.ndim for a in axes) != tuple(range(x.ndim - n_in, x.ndim)):
+            return None
+    bias = mod.get_variable("params", "bias") if mod.use_bias else None
+    dtype = mod.dtype or jnp.result_type(x, hot.base, *(() if bias is None else (bias,)))
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape((math.prod(lead), hot.base.shape[0])).astype(dtype)
+    factored = prefer_factored(hot.structure, hot.base.shape, x2.shape[0]) if mode is None else mode
+    record[hot.path] = ("factored" if factored else "materialised", x2.shape[0])
+    y = structured_matmul(x2, hot.base, hot.structure, factored=factored)
+    features = mod.features if isinstance(mod.features, (tuple, list)) else (mod.features,)
+    y = y.reshape(lead + tuple(features))
+    if bias is not None:
+        y = y + jnp.asarray(bias, dtype)
+    return y
+
+
+@contextlib.contextmanager
+def intercept(hot: dict, *, one: Optional[Array] = None, mode: Optional[bool] = None,
+              record: Optional[dict] = None):
+    """Routes Dense/DenseGeneral calls on the kernels in ``hot`` (``{id(kernel array): Hot}``) through
+    :func:`structured_matmul`, and puts :func:`cotangent_barrier` after LayerNorm/RMSNorm when ``one``
+    is given. ``mode``: None = cheaper per call, True = factored, False = materialised. ``record``
+    receives ``{path: (forward chosen, tokens)}`` for each routed call."""
+    record = {} if record is None else record
+
+    def hook(next_fun, args, kwargs, ctx):
+        mod = ctx.module
+        if ctx.method_name == "__call__" and args and not kwargs and hot \
+                and isinstance(mod, (nn.Dense, nn.DenseGeneral)) and mod.has_variable("params", "kernel"):
+            kernel = mod.get_variable("params", "kernel")
+            h = hot.get(id(kernel))
+            if h is not None:
+                n_in = _dense_layout(mod, kernel.shape, h.view)
+                y = None if n_in is None else _run_dense(mod, h, args[0], n_in, record, mode)
+                if y is not None:
+                    return y
+        out = next_fun(*args, **kwargs)
+        if one is not None and ctx.method_name == "__call__" and isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+            out = cotangent_barrier(out, one)
+        return out
+
+    with nn.intercept_methods(hook):
+        yield record

@@ -1,0 +1,112 @@
+"""ΔW in factored form: the structures a transform may declare (``Reparam.structure``).
+
+A structure is a small pytree that says how ``ΔW [d_in, d_out]`` is built, so
+that ``x @ ΔW`` and the gradient of its arrays can be computed without forming
+``ΔW`` or the full weight gradient ``xᵀg`` (:mod:`reparam.matmul`):
+
+    LowRank(l, r)        ΔW = l @ r                     LoRA, PiSSA, VeRA, NOLA, RandLoRA, ...
+    Kron(a, b)           ΔW = Σ_k a[k] ⊗ b[k]           KronA, LoKr, Compacter, SoKA
+    Sparse(idx, values)  ΔW.flat[idx] = values          SLTrain, SaRA, SPT, LT-SFT, S²FT
+    Sum(parts)           ΔW = Σ_p parts[p]              rp.add
+
+Each has :func:`dense` (the matrix), :func:`matvec` (``x @ ΔW``) and :func:`costs`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class LowRank:
+    """``ΔW = l @ r``, ``l [d_in, r]``, ``r [r, d_out]`` (scales folded into ``l``)."""
+    l: Array
+    r: Array
+
+
+@struct.dataclass
+class Kron:
+    """``ΔW = Σ_k a[k] ⊗ b[k]``, ``a [K, a1, a2]``, ``b [K, b1, b2]``, ``d_in = a1·b1``, ``d_out = a2·b2``."""
+    a: Array
+    b: Array
+
+
+@struct.dataclass
+class Sparse:
+    """``ΔW`` zero except ``ΔW.flat[idx[k]] = values[k]`` (``idx`` sorted, unique) in a ``[d_in, d_out]`` weight."""
+    idx: Array
+    values: Array
+    d_out: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Sum:
+    """``ΔW = Σ_p parts[p]`` (``rp.add`` of structured transforms)."""
+    parts: tuple
+
+
+def dense(s, shape: tuple[int, int]) -> Array:
+    """The ``[d_in, d_out]`` matrix ``ΔW`` of a structure."""
+    if isinstance(s, LowRank):
+        return s.l @ s.r
+    if isinstance(s, Kron):
+        (_, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+        return jnp.einsum("kij,kpq->ipjq", s.a, s.b).reshape(a1 * b1, a2 * b2)
+    if isinstance(s, Sparse):
+        flat = jnp.zeros(shape[0] * shape[1], s.values.dtype)
+        return flat.at[s.idx].set(s.values, indices_are_sorted=True, unique_indices=True).reshape(shape)
+    if isinstance(s, Sum):
+        return sum(dense(p, shape) for p in s.parts)
+    raise TypeError(f"not a ΔW structure: {type(s).__name__}")
+
+
+def matvec(s, x: Array) -> Array:
+    """``x @ ΔW`` for ``x [N, d_in]`` without forming ``ΔW``."""
+    if isinstance(s, LowRank):
+        return (x @ s.l.astype(x.dtype)) @ s.r.astype(x.dtype)
+    if isinstance(s, Kron):
+        (_, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+        xs = x.reshape(x.shape[0], a1, b1)
+        return jnp.einsum("nip,kij,kpq->njq", xs, s.a.astype(x.dtype), s.b.astype(x.dtype),
+                          optimize=True).reshape(x.shape[0], a2 * b2)
+    if isinstance(s, Sparse):
+        rows, cols = s.idx // s.d_out, s.idx % s.d_out
+        contrib = x[:, rows] * s.values.astype(x.dtype)
+        return jax.ops.segment_sum(contrib.T, cols, num_segments=s.d_out, indices_are_sorted=False).T
+    if isinstance(s, Sum):
+        return sum(matvec(p, x) for p in s.parts)
+    raise TypeError(f"not a ΔW structure: {type(s).__name__}")
+
+
+def costs(s, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(multiply-adds of matvec per token, multiply-adds of forming ΔW)`` from the shapes."""
+    d_in, d_out = shape
+    if isinstance(s, LowRank):
+        r = s.l.shape[-1]
+        return r * (d_in + d_out), d_in * d_out * r
+    if isinstance(s, Kron):
+        (k, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+        return k * min(a1 * b1 * b2 + a1 * a2 * b2, a1 * b1 * a2 + a2 * b1 * b2), k * d_in * d_out
+    if isinstance(s, Sparse):
+        return 2 * s.values.shape[-1], d_in * d_out
+    if isinstance(s, Sum):
+        parts = [costs(p, shape) for p in s.parts]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    raise TypeError(f"not a ΔW structure: {type(s).__name__}")
+
+
+def crossover(s, shape: tuple[int, int]) -> int:
+    """Tokens per call below which the factored forward is cheaper: the materialised path forms
+    ``ΔW`` once, the factored one pays ``matvec`` twice (forward and ``dx``); ``dθ`` costs both the same."""
+    per_token, form = costs(s, shape)
+    return math.ceil(form / (2 * per_token))
+
+
+def prefer_factored(s, shape: tuple[int, int], tokens: int) -> bool:
+    """Whether the factored forward costs fewer multiply-adds for ``tokens`` rows."""
+    return tokens < crossover(s, shape)

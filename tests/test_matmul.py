@@ -1,0 +1,219 @@
+"""The hot path: structures, the custom-VJP matmul, the LayerNorm barrier and routing Flax modules.
+
+Every path must give the values and gradients of plain autodiff through the materialised weight
+(to 1e-5), and the compiled step must not contain the full weight gradient xᵀg.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import reparam as rp
+from reparam import matmul as mm
+from reparam import structure as S
+from tests.methods import METHODS, calib_for, perturb
+
+
+def _structures(key, d_in, d_out):
+    """One structure of every kind (and a sum) for a d_in x d_out weight (d_in, d_out even)."""
+    k = jax.random.split(key, 6)
+    lr = S.LowRank(jax.random.normal(k[0], (d_in, 3)), jax.random.normal(k[1], (3, d_out)))
+    kr = S.Kron(jax.random.normal(k[2], (2, 2, 2)), jax.random.normal(k[3], (2, d_in // 2, d_out // 2)))
+    n = d_in * d_out
+    idx = jnp.sort(jax.random.choice(k[4], n, (max(1, n // 5),), replace=False)).astype(jnp.int32)
+    sp = S.Sparse(idx, jax.random.normal(k[5], idx.shape), d_out)
+    return {"lowrank": lr, "kron": kr, "sparse": sp, "sum": S.Sum((lr, sp))}
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 9), st.integers(0, 2 ** 16))
+def test_matvec_equals_dense(hi, ho, n, seed):
+    """x @ dense(s) == matvec(s, x) for every structure and shape."""
+    d_in, d_out = 2 * hi, 2 * ho
+    x = jax.random.normal(jax.random.key(seed), (n, d_in))
+    for name, s in _structures(jax.random.key(seed + 1), d_in, d_out).items():
+        np.testing.assert_allclose(S.matvec(s, x), x @ S.dense(s, (d_in, d_out)), atol=1e-4, rtol=1e-4,
+                                   err_msg=name)
+        per_token, form = S.costs(s, (d_in, d_out))
+        assert per_token > 0 and form > 0
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum"])
+@pytest.mark.parametrize("factored", [True, False])
+def test_structured_matmul_matches_autodiff(kind, factored):
+    """Outputs and gradients (w.r.t. x and every structure array) equal plain autodiff."""
+    d_in, d_out, n = 8, 12, 5
+    s = _structures(jax.random.key(0), d_in, d_out)[kind]
+    base = jax.random.normal(jax.random.key(1), (d_in, d_out))
+    x = jax.random.normal(jax.random.key(2), (n, d_in))
+    g = jax.random.normal(jax.random.key(3), (n, d_out))
+    ref = lambda x, s: x @ (base + S.dense(s, base.shape))
+    got = lambda x, s: mm.structured_matmul(x, base, s, factored=factored)
+    np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
+    gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_crossover():
+    """LoRA: factored iff 2·N·r·(d+k) < d·k·r, i.e. below d·k / (2(d+k)) tokens."""
+    s = S.LowRank(jnp.zeros((384, 8)), jnp.zeros((8, 384)))
+    assert S.crossover(s, (384, 384)) == 96
+    assert S.prefer_factored(s, (384, 384), 95) and not S.prefer_factored(s, (384, 384), 96)
+
+
+def test_barrier_is_identity_with_same_gradient():
+    one = mm.runtime_one(jnp.int32(3))
+    f = lambda x: jnp.sum(jnp.sin(mm.cotangent_barrier(jnp.tanh(x), one)) ** 2)
+    ref = lambda x: jnp.sum(jnp.sin(jnp.tanh(x)) ** 2)
+    x = jnp.linspace(-2, 2, 7)
+    assert float(f(x)) == float(ref(x))
+    np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(ref)(x))
+
+
+class Block(nn.Module):
+    """Dense, DenseGeneral q/k/v-style and out-style projections, LayerNorm: what the hook must route."""
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(nn.Dense(16, name="up")(x))
+        q = nn.DenseGeneral((2, 8), name="query")(h)                     # [d, heads, hd]
+        o = nn.DenseGeneral(16, axis=(-2, -1), name="out")(jax.nn.gelu(q))   # [heads, hd, d]
+        return nn.Dense(3, name="head")(nn.LayerNorm()(o + h))
+
+
+def _model():
+    m = Block()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    y = jax.random.randint(jax.random.key(1), (2, 5), 0, 3)
+    params = m.init(jax.random.key(2), x)["params"]
+
+    def loss_fn(p, batch, rng):
+        logits = m.apply({"params": p}, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+    return params, loss_fn, (x, y)
+
+
+STRUCTURED = sorted(n for n in METHODS if METHODS[n][0](2).structure is not None)
+# variants that differ from a listed method only in init or scale share its structure code
+VARIANTS = {"lora_gauss", "rslora", "pissa_rsvd", "corda_kpm", "milora", "randlora_peft", "lokr_r1_both",
+            "sparse_random_density", "sparse_magnitude_smallest"}
+
+
+def test_structured_methods_cover_every_structured_family():
+    for name in ("lora", "pissa", "lora_xs", "svfit", "sorsa", "vera", "nola", "randlora", "krona", "lokr",
+                 "compacter", "soka", "sparse_random_k", "lora+pissa"):
+        if name in METHODS:
+            assert name in STRUCTURED, name
+
+
+# one method per structure kind (and the shared, stochastic and summed cases) runs every forward;
+# the others run the custom-VJP (materialised) forward, the one plain autodiff does not share
+EVERY_MODE = {"lora", "vera", "lokr", "compacter", "sparse_random_k", "dylora", "lora+pissa"}
+
+
+@pytest.mark.parametrize("name", sorted(set(STRUCTURED) - VARIANTS))
+def test_train_step_matches_autodiff(name):
+    """Two steps with the hot path (auto / factored / materialised) equal plain autodiff to 1e-5."""
+    params, loss_fn, batch = _model()
+    t = METHODS[name][0](2)
+    adapted = r"up/kernel" if t.calib else r"(up|query|out)/kernel"     # synthetic calib: 2-D kernels
+    rules = [(adapted, t), (r"head/.*|.*LayerNorm.*/(scale|bias)", rp.full())]
+    plan = rp.plan(rules, params)
+    calib = calib_for(t, "up/kernel", params["up"]["kernel"], jax.random.key(7))
+    frozen, trainable = plan.init(jax.random.key(3), params, calib)
+    trainable = perturb(trainable, jax.random.key(4))          # B = 0 would hide errors in dA
+    opt = optax.sgd(0.1)
+    results = {}
+    modes = ("auto", "factored", "materialised") if name in EVERY_MODE else ("materialised",)
+    for mode in ("autodiff",) + modes:
+        step = rp.train.make_train_step(plan, loss_fn, opt, matmul=mode, donate=False)
+        state = rp.train.init_state(trainable, opt, jax.random.key(5))
+        losses = []
+        for _ in range(2):
+            state, m = step(state, frozen, batch)
+            losses.append(float(m["loss"]))
+        results[mode] = (losses, state.trainable)
+    ref_losses, ref_tr = results["autodiff"]
+    for mode in modes:
+        losses, tr = results[mode]
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=mode)
+        for a, b in zip(jax.tree.leaves(ref_tr), jax.tree.leaves(tr)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"{name} {mode}")
+    assert set(plan.routing) == ({"up/kernel"} if t.calib else {"up/kernel", "query/kernel", "out/kernel"})
+
+
+def _dot_shapes(hlo: str):
+    """(result shape, lhs contracting dim sizes) of every dot in an HLO module's text."""
+    dims = lambda txt: tuple(int(v) for v in txt.split(",") if v)
+    shapes = dict(re.findall(r"(%[\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[([\d,]*)\]\S* dot\((%[\w.\-]+), ", line)
+        c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m and c and m.group(2) in shapes:
+            lhs = dims(shapes[m.group(2)])
+            out.append((dims(m.group(1)), tuple(lhs[i] for i in dims(c.group(1)))))
+    return out
+
+
+@pytest.mark.parametrize("mode, expect_full_grad", [("auto", False), ("autodiff", True)])
+def test_hot_step_never_forms_the_weight_gradient(mode, expect_full_grad):
+    """The compiled LoRA step has no dot contracting over the tokens into a [d_in, d_out] result
+    (xᵀg); plain autodiff through the materialised weight has one -- so the check can fail."""
+    d_in, d_out, n = 24, 40, 56
+    params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (d_in, d_out)), "bias": jnp.zeros(d_out)}}
+    plan = rp.plan([(r"layer/kernel", rp.lora(4))], params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(d_out, name="layer")(x)
+    net = Net()
+    loss = lambda p, b, rng: jnp.mean(net.apply({"params": p}, b) ** 2)
+    step = rp.train.make_train_step(plan, loss, optax.sgd(0.1), matmul=mode, donate=False)
+    state = rp.train.init_state(trainable, optax.sgd(0.1), jax.random.key(2))
+    x = jnp.ones((n, d_in))
+    hlo = step.lower(state, frozen, x).compile().as_text()
+    full_grads = [d for d in _dot_shapes(hlo) if sorted(d[0]) == sorted((d_in, d_out)) and n in d[1]]
+    assert bool(full_grads) == expect_full_grad, full_grads
+
+
+def test_unrecognised_call_is_still_correct():
+    """A module reading a kernel that is not the plan's array (here: a copy) runs as written."""
+    params, loss_fn, batch = _model()
+    plan = rp.plan([(r"up/kernel", rp.lora(2))], params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    trainable = perturb(trainable, jax.random.key(1))
+    out, hot = plan.routed(frozen, trainable)
+    copied = jax.tree.map(lambda a: a + 0.0, out)
+    record = {}
+    with mm.intercept(hot, record=record):
+        y = Block().apply({"params": copied}, batch[0])
+    assert record == {}
+    np.testing.assert_allclose(y, Block().apply({"params": plan.apply(frozen, trainable)}, batch[0]), atol=1e-6)
+
+
+def test_summary_shows_the_route():
+    params, loss_fn, batch = _model()
+    plan = rp.plan([(r"up/kernel", rp.lora(2)), (r"query/kernel", rp.dora(2))], params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    text = plan.summary()
+    assert "custom-vjp, factored < " in text and "autodiff" in text
+    step = rp.train.make_train_step(plan, loss_fn, optax.sgd(0.1), donate=False)
+    step(rp.train.init_state(trainable, optax.sgd(0.1), jax.random.key(1)), frozen, batch)
+    assert "materialised @ 10 tok" in plan.summary()
+
+
+def test_bad_mode():
+    params, loss_fn, _ = _model()
+    plan = rp.plan([(r"up/kernel", rp.lora(2))], params)
+    with pytest.raises(rp.ReparamError, match="matmul must be one of"):
+        rp.train.make_train_step(plan, loss_fn, optax.sgd(0.1), matmul="fast")
