@@ -3,6 +3,7 @@
 The public API, as a table of contents:
 
   core        Reparam(init, apply) pair; additive(); combinators add, in_basis, full, frozen; Basis
+  structure   ΔW in factored form: LowRank, Kron, Sparse, Sum (dense, matvec, costs, crossover)
   views       on_axes(): matrix view of >2-D kernels and nn.scan-stacked layers
   plan        plan(rules, params) -> Plan with init / apply / merge / penalty / summary
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
@@ -14,10 +15,14 @@ The public API, as a table of contents:
   sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
-  train       TrainState, init_state, make_train_step, make_eval_step
+  matmul      the hot path: structured_matmul (custom VJP), intercept (routes Flax Dense/DenseGeneral),
+              cotangent_barrier (after LayerNorm)
+  train       TrainState, init_state, make_train_step (matmul="auto"|..., remat), make_eval_step
+  sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
+              put, shard_batch, global_batch, initialize (jax.distributed), make_train_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
 """
-from reparam import checkpoint, compose, kronecker, random_basis, sparse, train
+from reparam import checkpoint, compose, kronecker, matmul, random_basis, sharding, sparse, structure, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
@@ -39,5 +44,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
-    "vera", "nola", "randlora", "random_basis",
+    "vera", "nola", "randlora", "random_basis", "matmul", "structure", "sharding",
 ]
