@@ -139,7 +139,7 @@ def devices(args) -> list[dict]:
 
 
 def markdown(rows, dev) -> str:
-    lines = [f"| transform | tokens | " + " | ".join(f"{m} ms" for m in MODES) + " | auto / autodiff | "
+    lines = ["| transform | tokens | " + " | ".join(f"{m} ms" for m in MODES) + " | auto / autodiff | "
              "peak MB autodiff / auto | factored below |",
              "|---|---:|" + "---:|" * len(MODES) + "---:|---:|---:|"]
     for r in rows:

@@ -1,9 +1,14 @@
-"""Outputs of a run: JSONL metrics, ``results.json``, the printed table and the plot."""
+"""Outputs of a run: JSONL metrics, ``results.json``, the printed table and the plot.
+
+    report.append_jsonl("runs/x/metrics.jsonl", [{"method": "lora", "step": 1, "loss": 1.6}])
+    kept = report.rewrite_jsonl("runs/x/metrics.jsonl", keep=lambda r: r["step"] <= 100)   # a resume
+    print(report.table(results))
+"""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import matplotlib
 
@@ -11,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLUMNS = ("method", "transform", "acc 5-9", "trainable", "% total", "step ms", "x full")
+COLUMNS = ("method", "transform", "acc 5-9", "trainable", "% total", "step ms", "x full", "peak MB")
+MB = 1e6          # the table's megabytes
 
 
 def append_jsonl(path: str, records: Sequence[dict]) -> None:
@@ -21,22 +27,65 @@ def append_jsonl(path: str, records: Sequence[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of ``path``, in order; a line cut short (a run killed while writing it) is left out."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def rewrite_jsonl(path: str, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrites ``path`` (atomically) with the records ``keep`` accepts, and returns them."""
+    kept = [r for r in read_jsonl(path) if keep(r)] if os.path.exists(path) else []
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return kept
+
+
 def write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
+    """Writes ``obj`` to ``path`` atomically (a temporary file renamed), so a killed run leaves no torn file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _mb(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / MB:.1f}"
 
 
 def table(results: dict) -> str:
-    """The results table: one row per method, then the pretraining and untrained-head reference lines."""
-    base_ms = results["methods"].get("full", {}).get("step_ms")
-    rows = [COLUMNS]
-    for name, r in results["methods"].items():
+    """The results table: one row per method, then the precision, pretraining and untrained-head lines.
+
+    ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
+    donated aliases); a ``device MB`` column (the device's high-water mark so far) is added where the
+    backend reports one (GPU, TPU).
+    """
+    methods = results["methods"]
+    base_ms = methods.get("full", {}).get("step_ms")
+    device = any(r.get("device_peak_bytes") for r in methods.values())
+    columns = COLUMNS + (("device MB",) if device else ())
+    rows = [columns]
+    for name, r in methods.items():
         ratio = f"{r['step_ms'] / base_ms:.2f}" if base_ms else "-"
-        rows.append((name, r["transform"], f"{100 * r['acc']:.1f}%", f"{r['trainable']:,}",
-                     f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio))
-    widths = [max(len(row[j]) for row in rows) for j in range(len(COLUMNS))]
+        row = (name, r["transform"], f"{100 * r['acc']:.1f}%", f"{r['trainable']:,}",
+               f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio, _mb(r.get("peak_bytes")))
+        rows.append(row + ((_mb(r.get("device_peak_bytes")),) if device else ()))
+    widths = [max(len(row[j]) for row in rows) for j in range(len(columns))]
     fmt = lambda row: "  ".join(x.ljust(w) if j < 2 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
+    prec = results.get("precision")
+    if prec:
+        lines.append(f"precision: base weights {prec['base']}, trainables and optimizer state "
+                     f"{prec['trainable']}; remat {'on' if prec['remat'] else 'off'}")
     p = results["pretrain"]
     lines.append(f"pretrained on digits 0-4: test acc {100 * p['acc']:.1f}% ({p['params']:,} params); "
                  f"untrained 5-9 head: test acc {100 * results['untrained_head_acc']:.1f}% (chance 20%)")

@@ -3,21 +3,76 @@
     python -m experiments.run --config=experiments/configs/digits.py
     python -m experiments.run --config=experiments/configs/digits.py --config.adapt_steps=50 \
         --config.methods=lora,pissa --config.output_dir=/tmp/digits
+    python -m experiments.run --config=experiments/configs/digits.py --config.resume=True    # after a kill
+    python -m experiments.run --config=experiments/configs/digits.py --config.base_dtype=bfloat16 \
+        --config.remat=True
 
-Flow: full training on digits 0-4; a fresh 5-way head for digits 5-9; for each
-method, ``rp.plan(rules, params)`` -> (calibrate) -> ``plan.init`` -> adamw
-steps from ``rp.train``. Writes ``metrics.jsonl`` (one line per step: method,
-step, loss, and test loss/accuracy every ``eval_every`` steps),
-``results.json`` and ``results.png`` into ``output_dir``, and prints a table.
-Step time is the median wall time of the jitted step after ``timing_warmup``
-steps, each one waited for with ``block_until_ready``.
+Flow: full training on digits 0-4 (phase ``pretrain``); a fresh 5-way head for
+digits 5-9; for each method (phase ``<method>``), ``rp.plan(rules, params)`` ->
+(calibrate) -> ``plan.init`` -> adamw steps from ``rp.train``. Writes into
+``output_dir``: ``metrics.jsonl`` (one line per step, appended as the step
+ends: method, step, loss, and test loss/accuracy every ``eval_every`` steps),
+``results.json``, ``results.png``, and per method ``<method>/result.json``
+(its row of the table and its history) and ``<method>/trainable.safetensors``
+(the final trainable arrays keyed by '/'-joined paths, e.g.
+``hidden_0/kernel/A``; ``safetensors.numpy.load_file`` reads them), so that
+two runs can be compared array by array. Prints a table. Step time is the
+median wall time of the jitted step after ``timing_warmup`` steps, each one
+waited for with ``block_until_ready``.
+
+Peak memory (``peak MB`` in the table, ``peak_bytes`` in ``results.json``):
+XLA's estimate for the compiled train step,
+``step.lower(...).compile().memory_analysis()``: argument + output + temporary
+bytes minus the bytes outputs share with donated arguments (the state, the
+frozen base, the batch and the step's workspace; not the eval step, nor what
+Python holds besides). Where the backend reports it (GPU, TPU),
+``device_peak_bytes`` is ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]``
+after the phase: the process's high-water mark so far (JAX cannot reset it), so
+it never decreases from phase to phase; ``None`` on CPU.
+
+Precision: ``base_dtype`` ("float32", or "bfloat16") is the dtype the
+pretrained params (and the fresh head) are cast to before each method's plan
+is built; pretraining itself runs in f32. ``plan.init`` creates the trainable
+arrays in f32, so adapters, a trained head and the optimizer state stay f32,
+and each effective weight comes out in the base's dtype. ``remat=True`` passes
+``remat`` to ``rp.train.make_train_step`` in every phase (activations
+recomputed in the backward pass). The table's footer states both.
+
+Checkpoints and resume: with ``checkpoint_every`` > 0 (steps; 0 = off), each
+phase saves its train state (trainable arrays, optimizer state, step, PRNG key
+and the run's config; never the frozen base, which ``plan.init`` rebuilds)
+with ``rp.checkpoint.save`` every ``checkpoint_every`` steps and at its last
+step, under ``output_dir/checkpoints/<phase>``, keeping the newest
+``keep_checkpoints``. A run without ``resume`` starts afresh: it empties
+``metrics.jsonl`` and removes ``checkpoints/`` and the per-phase files a
+previous run left in ``output_dir``. ``--config.resume=True`` (needs
+``checkpoint_every`` > 0) continues a killed run in the same ``output_dir``:
+
+  - a finished phase is not redone: pretraining's params come from its last
+    checkpoint, a finished method's row and history from ``<method>/result.json``
+    (which also holds the config it ran under);
+  - the interrupted phase restores its latest checkpoint and goes on from there
+    with the batches it would have seen (batch ``k`` is a function of
+    ``(seed, k)`` only: ``digits.batches(..., start=k)``) and the restored PRNG
+    key and optimizer state, so on one machine it ends bit-identical to an
+    uninterrupted run; a phase killed before its first checkpoint starts over;
+  - ``metrics.jsonl`` keeps the records up to the restored step and drops that
+    phase's later ones (they are redone), so every step appears once;
+  - a checkpoint (or ``result.json``) written under another config is refused
+    with ``rp.checkpoint``'s error (a ``ReparamError`` naming the keys that
+    differ), which the runner lets through. The keys of ``rp.checkpoint.VOLATILE``
+    (``resume``, ``progress``, ``output_dir``, ``checkpoint_every``, ...) and
+    ``methods`` may change, so a resume may also add methods to a finished run.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
+import shutil
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +80,10 @@ import ml_collections
 import numpy as np
 import optax
 import reparam as rp
+import safetensors.numpy
 from absl import app, flags, logging
 from ml_collections import config_flags
+from reparam.plan import path_str
 from tqdm.auto import tqdm
 
 from experiments import methods as M
@@ -36,6 +93,11 @@ from experiments.models import MLP
 
 if "config" not in flags.FLAGS:   # shared by the experiments CLIs, which import one another
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+
+# config keys a resume may change: those that do not change what a phase computes, and the list of methods
+# (a method's phase depends on the config alone, not on the other methods)
+RESUME_IGNORES = tuple(rp.checkpoint.VOLATILE) + ("methods",)
+PHASE_FILES = ("result.json", "trainable.safetensors")    # in output_dir/<phase>/
 
 
 def make_fns(model) -> tuple[Callable, Callable]:
@@ -52,61 +114,225 @@ def make_fns(model) -> tuple[Callable, Callable]:
     return loss_fn, metrics_fn
 
 
+def optimizer(config: ml_collections.ConfigDict, lr: float) -> optax.GradientTransformation:
+    """adamw with the config's weight decay."""
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+
+
+def checkpoint_every(config: ml_collections.ConfigDict) -> int:
+    """``config.checkpoint_every``; 0 (no checkpoints) also for configs without the key."""
+    return int(config.get("checkpoint_every", 0) or 0)
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, phase: str) -> str:
+    return os.path.join(config.output_dir, "checkpoints", phase)
+
+
+def step_memory(compiled) -> Optional[int]:
+    """XLA's peak estimate for a compiled step, argument + output + temp - alias bytes; ``None`` if unknown."""
+    try:
+        ma = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):       # a backend without the analysis
+        return None
+    if ma is None:
+        return None
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+               - ma.alias_size_in_bytes)
+
+
+def device_peak() -> Optional[int]:
+    """The first device's ``peak_bytes_in_use`` so far (GPU, TPU); ``None`` where the backend keeps no stats."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def history() -> dict[str, list]:
+    """An empty history: per-step ``step``, ``loss``; per-eval ``eval_step``, ``acc``; step ``times`` (s)."""
+    return {"step": [], "loss": [], "eval_step": [], "acc": [], "times": []}
+
+
+def resume_phase(mgr, state: rp.train.TrainState, name: str, steps: int, config: ml_collections.ConfigDict,
+                 log_path: str) -> tuple[rp.train.TrainState, int, dict]:
+    """``(state, start step, history)`` of phase ``name`` resumed from its latest checkpoint in ``mgr``.
+
+    ``state`` itself and step 0 when there is none (or ``mgr`` is ``None``). Drops the phase's records
+    after the start step from ``log_path``; those up to it are the history (without step times).
+    Raises ``rp.checkpoint``'s ReparamError if the checkpoint was written under another config.
+    """
+    start = 0
+    restored = rp.checkpoint.restore(mgr, like=state, config=config, ignore=RESUME_IGNORES) if mgr else None
+    if restored is not None:
+        state, start = restored, int(restored.step)
+        print(f"[{name}] resumed from its checkpoint at step {start} of {steps}", flush=True)
+    h = history()
+    for r in report.rewrite_jsonl(log_path, keep=lambda r: r.get("method") != name or r["step"] <= start):
+        if r.get("method") == name:
+            h["step"].append(r["step"])
+            h["loss"].append(r["loss"])
+            if "test_acc" in r:
+                h["eval_step"].append(r["step"])
+                h["acc"].append(r["test_acc"])
+    return state, start, h
+
+
 def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metrics_fn: Callable,
-          batches: Iterator, test, config: ml_collections.ConfigDict, steps: int, lr: float,
-          log_path: str) -> tuple[Any, dict]:
-    """``steps`` adamw steps on ``trainable``; returns it and a history (per-step loss, evals, step times)."""
-    opt = optax.adamw(lr, weight_decay=config.weight_decay)
+          batches: Union[Iterator, Callable[[int], Iterator]], test, config: ml_collections.ConfigDict, steps: int,
+          lr: float, log_path: str) -> tuple[Any, dict]:
+    """``steps`` adamw steps on ``trainable``; returns it and a history (per-step loss, evals, step times, memory).
+
+    ``batches`` is an iterator over the batches of steps 1, 2, ..., or a function ``start -> iterator`` over
+    those from step ``start + 1`` on. Each step's record is appended to ``log_path`` as the step ends. With
+    ``config.checkpoint_every`` > 0, the state is saved under ``checkpoint_dir(config, name)`` every that
+    many steps and at the last; with ``config.resume``, the phase first resumes from the latest checkpoint
+    there (:func:`resume_phase`). ``history["memory"]`` holds the step's ``peak_bytes`` (XLA's estimate)
+    and ``device_peak_bytes``.
+    """
+    opt = optimizer(config, lr)
     state = rp.train.init_state(trainable, opt, jax.random.key(config.seed))
-    step = rp.train.make_train_step(plan, loss_fn, opt)
+    step = rp.train.make_train_step(plan, loss_fn, opt, remat=bool(config.get("remat", False)))
     evaluate = rp.train.make_eval_step(plan, metrics_fn)
     test = jax.device_put(test)
-    h = {"step": [], "loss": [], "eval_step": [], "acc": [], "times": []}
-    records = []
-    bar = tqdm(range(1, steps + 1), desc=f"{name:>10}", disable=not config.progress, dynamic_ncols=True)
-    for i in bar:
-        batch = jax.device_put(next(batches))
-        t0 = time.perf_counter()
-        state, m = step(state, frozen, batch)
-        jax.block_until_ready(state)
-        h["times"].append(time.perf_counter() - t0)
-        rec = {"method": name, "step": i, "loss": float(m["loss"]), "train_acc": float(m["acc"])}
-        if float(m["penalty"]):
-            rec["penalty"] = float(m["penalty"])
-        if i % config.eval_every == 0 or i == steps:
-            ev = jax.device_get(evaluate(state.trainable, frozen, test))
-            rec.update(test_loss=float(ev["loss"]), test_acc=float(ev["acc"]))
-            h["eval_step"].append(i)
-            h["acc"].append(rec["test_acc"])
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['test_acc']:.3f}")
-        h["step"].append(i)
-        h["loss"].append(rec["loss"])
-        records.append(rec)
-    report.append_jsonl(log_path, records)
+    every = checkpoint_every(config)
+    mgr = rp.checkpoint.manager(checkpoint_dir(config, name), max_to_keep=config.get("keep_checkpoints", 3)) \
+        if every else None
+    try:
+        state, start, h = resume_phase(mgr, state, name, steps, config, log_path) if config.get("resume", False) \
+            else (state, 0, history())
+        it = batches(start) if callable(batches) else itertools.islice(batches, start, None)
+        first = jax.device_put(next(it))
+        peak = step_memory(step.lower(state, frozen, first).compile())    # jit reuses this executable below
+        it = itertools.chain([first], it)
+        bar = tqdm(range(start + 1, steps + 1), desc=f"{name:>10}", disable=not config.progress,
+                   dynamic_ncols=True, initial=start, total=steps)
+        for i in bar:
+            batch = jax.device_put(next(it))
+            t0 = time.perf_counter()
+            state, m = step(state, frozen, batch)
+            jax.block_until_ready(state)
+            h["times"].append(time.perf_counter() - t0)
+            rec = {"method": name, "step": i, "loss": float(m["loss"]), "train_acc": float(m["acc"])}
+            if float(m["penalty"]):
+                rec["penalty"] = float(m["penalty"])
+            if i % config.eval_every == 0 or i == steps:
+                ev = jax.device_get(evaluate(state.trainable, frozen, test))
+                rec.update(test_loss=float(ev["loss"]), test_acc=float(ev["acc"]))
+                h["eval_step"].append(i)
+                h["acc"].append(rec["test_acc"])
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['test_acc']:.3f}")
+            h["step"].append(i)
+            h["loss"].append(rec["loss"])
+            report.append_jsonl(log_path, [rec])        # before the checkpoint: a restored step has its record
+            if mgr is not None and (i % every == 0 or i == steps):
+                rp.checkpoint.save(mgr, state, config)
+    finally:
+        if mgr is not None:
+            mgr.close()
+    h["memory"] = {"peak_bytes": peak, "device_peak_bytes": device_peak()}
     return state.trainable, h
 
 
 def median_ms(times: list[float], warmup: int) -> float:
-    """Median of ``times`` after the first ``warmup`` (compilation) entries, in ms."""
+    """Median of ``times`` after the first ``warmup`` (compilation) entries, in ms; NaN when there are none."""
+    if not times:
+        return float("nan")
     return 1e3 * float(np.median(times[min(warmup, len(times) - 1):]))
 
 
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+    """``{'/'-joined path: numpy array}`` for the leaves of ``tree`` (an empty subtree has none)."""
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def _jsonable(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def finished(config: ml_collections.ConfigDict, phase: str) -> Optional[dict]:
+    """With ``config.resume``: ``{"result", "history", "config"}`` of a finished ``phase``; else ``None``.
+
+    Raises a ReparamError naming the keys that differ if the phase ran under another config.
+    """
+    path = os.path.join(config.output_dir, phase, "result.json")
+    if not config.get("resume", False) or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    diff = rp.checkpoint.config_diff(done["config"], _jsonable(config), RESUME_IGNORES)
+    if diff:
+        raise rp.ReparamError(f"{path} was written under another config: " + "; ".join(diff[:8]) + ". Resume "
+                              "with the run's own config, or use a fresh output directory to start a new run.")
+    return done
+
+
+def write_phase(config: ml_collections.ConfigDict, phase: str, result: dict, hist: dict,
+                trainable=None) -> None:
+    """``output_dir/<phase>/trainable.safetensors`` (when ``trainable`` is given), then ``result.json``.
+
+    Both are written to a temporary name and renamed, ``result.json`` (result, history and the run's
+    config) last: its presence marks the phase finished for a resume.
+    """
+    d = os.path.join(config.output_dir, phase)
+    os.makedirs(d, exist_ok=True)
+    if trainable is not None:
+        tmp = os.path.join(d, "trainable.safetensors.tmp")
+        safetensors.numpy.save_file(flat_arrays(trainable), tmp, metadata={"phase": phase})
+        os.replace(tmp, os.path.join(d, "trainable.safetensors"))
+    report.write_json(os.path.join(d, "result.json"),
+                      {"result": result, "history": hist, "config": _jsonable(config)})
+
+
+def _dtypes(tree) -> str:
+    return ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)}))
+
+
 def pretrain(config, model, source, loss_fn, metrics_fn, log_path) -> tuple[dict, dict]:
-    """Full training on the source task; returns params and ``{"acc", "params", "step_ms"}``."""
+    """Full training on the source task; returns params and ``{"acc", "params", "step_ms", "peak_bytes", ...}``.
+
+    With checkpoints and ``config.resume``, a finished pretraining is not redone: its params are restored
+    from its last checkpoint (which checks the config) and its result read from ``pretrain/result.json``.
+    """
     x0 = source["train"][0][:1]
     params = model.init(jax.random.key(config.seed), x0)["params"]
     plan = rp.plan([(r".*", rp.full())], params)
     frozen, trainable = plan.init(jax.random.key(config.seed), params)
-    batches = digits.batches(*source["train"], config.batch_size, config.seed)
-    trainable, h = train("pretrain", plan, frozen, trainable, loss_fn, metrics_fn, batches, source["test"],
-                         config, config.pretrain_steps, config.pretrain_lr, log_path)
-    params = plan.merge(frozen, trainable)
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return params, {"acc": h["acc"][-1], "params": n, "step_ms": median_ms(h["times"], config.timing_warmup)}
+    if config.get("resume", False) and os.path.exists(os.path.join(config.output_dir, "pretrain", "result.json")):
+        mgr = rp.checkpoint.manager(checkpoint_dir(config, "pretrain"))
+        like = rp.train.init_state(trainable, optimizer(config, config.pretrain_lr), jax.random.key(config.seed))
+        try:
+            state = rp.checkpoint.restore(mgr, like=like, config=config, ignore=RESUME_IGNORES)   # config-checked
+        finally:
+            mgr.close()
+        done = finished(config, "pretrain")
+        if state is None or int(state.step) != config.pretrain_steps:
+            raise rp.ReparamError(
+                f"resume: pretraining finished ({config.output_dir}/pretrain/result.json) but its checkpoint of "
+                f"step {config.pretrain_steps} is missing from {checkpoint_dir(config, 'pretrain')}; rerun "
+                "without --config.resume=True, or with a fresh output_dir.")
+        print(f"[pretrain] finished before: params from its checkpoint at step {config.pretrain_steps}",
+              flush=True)
+        trainable, pre = state.trainable, done["result"]
+    else:
+        batches = lambda start: digits.batches(*source["train"], config.batch_size, config.seed, start)
+        trainable, h = train("pretrain", plan, frozen, trainable, loss_fn, metrics_fn, batches, source["test"],
+                             config, config.pretrain_steps, config.pretrain_lr, log_path)
+        n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        pre = {"acc": h["acc"][-1], "params": n, "step_ms": median_ms(h["times"], config.timing_warmup),
+               **h["memory"]}
+        if checkpoint_every(config):
+            write_phase(config, "pretrain", pre, h)
+    return plan.merge(frozen, trainable), pre
 
 
 def adapt(name: str, config, model, params, target, loss_fn, metrics_fn, log_path, *, show_summary: bool):
-    """Adapts ``params`` (fresh head) to the target task with method ``name``; returns (result, history)."""
+    """Adapts ``params`` (fresh head) to the target task with method ``name``; returns (result, history).
+
+    Writes ``output_dir/<name>/trainable.safetensors`` and ``result.json``; with ``config.resume``, a
+    method that wrote them before is not run again and they are returned.
+    """
+    done = finished(config, name)
+    if done is not None:
+        print(f"[{name}] finished before: result from {config.output_dir}/{name}/result.json", flush=True)
+        return done["result"], done["history"]
     plan = rp.plan(M.METHODS[name](config), params)
     calib_batches = digits.batches(*target["train"], config.batch_size, config.seed + 1)
     calib = M.calibrate(name, plan, config, model=model, params=params,
@@ -117,21 +343,56 @@ def adapt(name: str, config, model, params, target, loss_fn, metrics_fn, log_pat
         print(f"\n[{name}] plan.summary():\n{plan.summary(trainable)}\n", flush=True)
     n_train = sum(plan.trainable_counts(trainable))
     n_total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    batches = digits.batches(*target["train"], config.batch_size, config.seed)
-    _, h = train(name, plan, frozen, trainable, loss_fn, metrics_fn, batches, target["test"], config,
-                 config.adapt_steps, config.adapt_lr, log_path)
+    dtypes = _dtypes(trainable)
+    batches = lambda start: digits.batches(*target["train"], config.batch_size, config.seed, start)
+    trained, h = train(name, plan, frozen, trainable, loss_fn, metrics_fn, batches, target["test"], config,
+                       config.adapt_steps, config.adapt_lr, log_path)
     transform = next((t.name for regex, t in plan.rules if regex == M.HIDDEN), plan.rules[0][1].name)
     result = {"transform": transform, "acc": h["acc"][-1], "trainable": n_train,
-              "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup)}
+              "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup),
+              **h["memory"], "trainable_dtype": dtypes}
+    write_phase(config, name, result, h, trained)
     return result, h
+
+
+def base_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """``config.base_dtype`` (default float32) as a floating dtype, or a ReparamError naming the key."""
+    name = config.get("base_dtype", "float32")
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise rp.ReparamError(f"config.base_dtype={name!r} is not a floating dtype; use 'float32' or 'bfloat16'.")
+    return dtype
+
+
+def start_afresh(output_dir: str, log_path: str) -> None:
+    """Empties ``metrics.jsonl`` and removes what a previous run left for a resume: checkpoints, phase files."""
+    open(log_path, "w").close()
+    shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
+    for phase in ("pretrain", *M.METHODS):
+        for f in PHASE_FILES:
+            path = os.path.join(output_dir, phase, f)
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The whole experiment; returns the results dict (also written to ``output_dir``)."""
     names = M.names(config.methods)
+    dtype = base_dtype(config)
+    resume = bool(config.get("resume", False))
+    if resume and not checkpoint_every(config):
+        raise rp.ReparamError(f"config.resume=True needs config.checkpoint_every > 0 (got "
+                              f"{config.get('checkpoint_every')!r}): without checkpoints there is nothing to "
+                              "resume from. Set --config.checkpoint_every=100, or drop --config.resume.")
     os.makedirs(config.output_dir, exist_ok=True)
     log_path = os.path.join(config.output_dir, "metrics.jsonl")
-    open(log_path, "w").close()
+    if not resume:
+        start_afresh(config.output_dir, log_path)
+    elif not os.path.exists(log_path):
+        open(log_path, "w").close()
     source, target = digits.tasks(digits.load(config.data_seed, config.test_fraction))
     model = MLP(hidden=tuple(config.hidden), n_classes=5)
     loss_fn, metrics_fn = make_fns(model)
@@ -139,9 +400,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     pretrained, pre = pretrain(config, model, source, loss_fn, metrics_fn, log_path)
     head = model.init(jax.random.key(config.seed + 1), source["train"][0][:1])["params"]["head"]
     params = {**pretrained, "head": head}                                   # a fresh 5-way head for 5-9
+    params = jax.tree.map(lambda x: x.astype(dtype), params)                 # the base's precision
     untrained = float(jax.jit(metrics_fn)(params, target["test"])["acc"])
-    print(f"pretrained on digits 0-4: test acc {pre['acc']:.4f}; untrained 5-9 head: test acc {untrained:.4f}",
-          flush=True)
+    print(f"pretrained on digits 0-4: test acc {pre['acc']:.4f}; untrained 5-9 head: test acc {untrained:.4f}"
+          f"; base weights {dtype.name}", flush=True)
 
     results = {"pretrain": pre, "untrained_head_acc": untrained, "methods": {}, "config": config.to_dict()}
     history = {}
@@ -150,6 +412,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
         results["methods"][name], history[name] = adapt(
             name, config, model, params, target, loss_fn, metrics_fn, log_path,
             show_summary=config.verbose or name == first_adapter)
+    results["precision"] = {"base": _dtypes(params), "remat": bool(config.get("remat", False)),
+                            "trainable": ",".join(sorted({d for r in results["methods"].values()
+                                                          for d in r["trainable_dtype"].split(",")}))}
 
     report.write_json(os.path.join(config.output_dir, "results.json"), results)
     print("\n" + report.table(results), flush=True)

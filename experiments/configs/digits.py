@@ -3,6 +3,7 @@
     python -m experiments.run --config=experiments/configs/digits.py
     python -m experiments.run --config=experiments/configs/digits.py \
         --config.adapt_steps=50 --config.methods=lora,pissa
+    python -m experiments.run --config=experiments/configs/digits.py --config.resume=True   # after a kill
 
 Runs in about three minutes on 2 CPU cores; --config.methods=all runs every method.
 """
@@ -42,8 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.fourier_n = 1000              # FourierFT spectral coefficients per kernel
     c.fourier_scale = 150.0         # FourierFT's s (PEFT's default)
 
+    c.base_dtype = "float32"        # pretrained weights cast to this for adaptation ("bfloat16"); trainables f32
+    c.remat = False                 # recompute activations in the backward pass (rp.train.make_train_step)
+
     c.methods = DEFAULT_METHODS     # comma-separated names from experiments.methods.METHODS, or 'all'
     c.output_dir = "runs/digits"
     c.verbose = False               # print plan.summary() for every method, not just the first adapter
     c.progress = True               # tqdm bars
+
+    c.checkpoint_every = 100        # steps between orbax checkpoints of each phase (0 = none)
+    c.keep_checkpoints = 3          # newest checkpoints kept per phase
+    c.resume = False                # continue a killed run in output_dir (see experiments/run.py)
     return c

@@ -3,6 +3,7 @@
     data = digits.load(seed=0)                      # {"train": (x, y), "test": (x, y)}
     source, target = digits.tasks(data)             # digits 0-4, and 5-9 relabelled 0..4
     it = digits.batches(*source["train"], batch_size=64, seed=0)
+    it = digits.batches(*source["train"], batch_size=64, seed=0, start=100)   # from batch 100 on (a resume)
 
 ``x`` is ``float32 [n, 64]``, pixels scaled from 0..16 to [0, 1]; ``y`` is
 ``int32 [n]``. The train/test split is stratified by digit and fixed by
@@ -45,14 +46,27 @@ def tasks(data: dict[str, Split]) -> tuple[dict[str, Split], dict[str, Split]]:
             {k: subset(v, hi) for k, v in data.items()})
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterator[Split]:
-    """Endless ``(x, y)`` batches of exactly ``batch_size``: a fresh seeded permutation per epoch."""
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, start: int = 0) -> Iterator[Split]:
+    """Endless ``(x, y)`` batches of exactly ``batch_size``: a fresh seeded permutation per epoch.
+
+    Batch ``k`` (0-based) is a pure function of ``(seed, k)``: epoch ``k // (n // batch_size)`` uses
+    the permutation drawn that many times into ``np.random.default_rng(seed)``. ``start`` begins at
+    batch ``start``, as the iterator with ``start=0`` would after ``start`` batches (what a resumed run
+    needs) without gathering the batches skipped.
+    """
     rng = np.random.default_rng(seed)
     n = len(x)
     if batch_size > n:
         raise ValueError(f"batch_size {batch_size} exceeds the {n} examples available.")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}.")
+    per_epoch = n // batch_size
+    epochs, skip = divmod(start, per_epoch)
+    for _ in range(epochs):
+        rng.permutation(n)
     while True:
         order = rng.permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
+        for i in range(skip * batch_size, per_epoch * batch_size, batch_size):
             idx = order[i:i + batch_size]
             yield x[idx], y[idx]
+        skip = 0
