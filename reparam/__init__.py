@@ -21,8 +21,9 @@ The public API, as a table of contents:
   sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
               put, shard_batch, global_batch, initialize (jax.distributed), make_train_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
+  interop     peft.export / peft.load: Hugging Face PEFT adapter directories (LoRA, rsLoRA, DoRA, PiSSA, VeRA, LoKr)
 """
-from reparam import checkpoint, compose, kronecker, matmul, random_basis, sharding, sparse, structure, train
+from reparam import checkpoint, compose, interop, kronecker, matmul, random_basis, sharding, sparse, structure, train
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
@@ -44,5 +45,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
-    "vera", "nola", "randlora", "random_basis", "matmul", "structure", "sharding",
+    "vera", "nola", "randlora", "random_basis", "matmul", "structure", "sharding", "interop",
 ]

@@ -13,7 +13,8 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    structure's arrays straight from the layer's input x and output cotangent g:
                    low rank ΔW = L@R:         dL = xᵀ(gRᵀ), dR = (xL)ᵀg          (rank-r products)
                    Kronecker ΔW = Σ A_k⊗B_k:  the vec trick on x, g [N, a·b]
-                   sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (k entries only)
+                   sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (k entries; with the
+                   materialised forward, from one xᵀg GEMM, which XLA:CPU runs faster than the gathers)
 
 The cheaper forward is chosen per call from the shapes and the tokens ``N``
 (:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import views
-from reparam.structure import dense, matvec, prefer_factored
+from reparam.structure import Sparse, Sum, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -59,11 +60,26 @@ def _materialised_fwd(x, base, s):
     return x @ w, (x, w, s)
 
 
+def _structure_grad(s, x, g, dw):
+    """The cotangent of structure ``s`` from the layer's input ``x`` and output cotangent ``g``.
+
+    Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick). Sparse:
+    ``dW[idx]`` from one dense ``dW = xᵀg`` (``dw()``, shared by all sparse parts): on CPU one GEMM
+    is faster than gathering ``N·k`` products for any support above a few tokens (benchmarks/hot_path.py).
+    """
+    if isinstance(s, Sum):
+        return Sum(tuple(_structure_grad(p, x, g, dw) for p in s.parts))
+    if isinstance(s, Sparse):
+        return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
+    _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
+    return pull(g)[0]
+
+
 def _materialised_bwd(res, g):
     x, w, s = res
-    _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
-    (ds,) = pull(g)
-    return g @ w.T, None, ds
+    cache = []
+    dw = lambda: cache[0] if cache else cache.append(x.T @ g) or cache[0]
+    return g @ w.T, None, _structure_grad(s, x, g, dw)
 
 
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)

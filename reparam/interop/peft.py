@@ -1,0 +1,452 @@
+"""Hugging Face PEFT adapter directories <-> a plan's trainables: LoRA, rsLoRA, DoRA, PiSSA, VeRA, LoKr.
+
+    from reparam.interop import peft as rpeft
+    frozen, trainable0 = plan.init(key, params)
+    ...                                                          # train
+    rpeft.export(plan, frozen, trainable, "out/adapter", initial=trainable0)
+    # torch: PeftModel.from_pretrained(torch_model, "out/adapter") gives the same outputs
+    trainable = rpeft.load(plan, frozen, "out/adapter")         # a PEFT adapter -> our trainables
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (written with
+``safetensors.numpy``), with the key names of PEFT's ``save_pretrained``:
+``base_model.model.<module>.lora_A.weight`` and so on. ``module_map`` names the torch module of
+each adapted param path: a dict, a function, or ``None`` for :func:`default_module_name`
+(``"params/enc/l0/kernel"`` -> ``"enc.l0"``). Our kernels are ``[d_in, d_out]`` and torch's
+Linear weights ``[out, in]``, so every factor is transposed:
+
+- LoRA / rsLoRA / EVA: ``lora_A.weight = Aᵀ``, ``lora_B.weight = Bᵀ``; ``lora_alpha`` (per module in
+  ``alpha_pattern``, ranks in ``rank_pattern`` where they differ) makes PEFT's scaling ours.
+- DoRA: the same plus ``lora_magnitude_vector = m`` and ``use_dora``.
+- PiSSA / MiLoRA / CorDA, export only: PEFT loads onto the ORIGINAL ``W0``, and ours is
+  ``W_res + s·A@B = W0 + s·(A@B − A0@B0)``, written exactly as a rank-``2r`` LoRA
+  ``A' = [A, −A0]``, ``B' = [B; B0]`` with the same ``s``. ``A0``, ``B0`` are the factors
+  ``plan.init`` returned: pass that trainable as ``initial``.
+- VeRA: ``vera_lambda_d = d``, ``vera_lambda_b = b`` per module and the shared
+  ``base_model.vera_A [r, in_max]``, ``base_model.vera_B [out_max, r]`` regenerated from the
+  plan's key (:func:`reparam.random_basis.vera_basis`, ``fan_in = in_max``); a layer whose ``A``
+  has its own fan-in scale (``vera(fan_in=None)`` on a narrower input) gets the ratio folded into
+  ``vera_lambda_d``. Loading needs those bases in the file (``save_projection=True``) and equal to
+  the plan's: torch-drawn bases cannot be regenerated here.
+- LoKr: ``lokr_w1 = Aᵀ``, ``lokr_w1_a = A2ᵀ``, ``lokr_w1_b = A1ᵀ``, ``lokr_w2 = Bᵀ``,
+  ``lokr_w2_a = B2ᵀ``, ``lokr_w2_b = B1ᵀ``; ``r``, ``alpha``, ``decompose_both``, ``decompose_factor``.
+
+Loading rescales one factor where the file's scaling differs from the plan's (same ``ΔW``) and
+raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reparam import views
+from reparam.core import Reparam, ReparamError
+from reparam.random_basis import vera_basis
+from reparam.structure import LowRank
+
+PyTree = Any
+ModuleMap = Union[None, Mapping[str, str], Callable[[str], str]]
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LOKR_NAMES = {"A": "lokr_w1", "A1": "lokr_w1_b", "A2": "lokr_w1_a",     # ours -> PEFT (each transposed)
+              "B": "lokr_w2", "B1": "lokr_w2_b", "B2": "lokr_w2_a"}
+_KIND = {"lora": "lora", "rslora": "lora", "eva": "lora", "pissa": "principal", "milora": "principal",
+         "corda": "principal", "dora": "dora", "vera": "vera", "lokr": "lokr"}
+_PEFT_TYPE = {"lora": "LORA", "principal": "LORA", "dora": "LORA", "vera": "VERA", "lokr": "LOKR"}
+_COMMON = {"task_type": None, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+           "layers_pattern": None, "revision": None}
+
+
+def default_module_name(path: str) -> str:
+    """``"params/enc/l0/kernel"`` -> ``"enc.l0"``: drops a leading ``params/`` and a trailing ``/kernel``,
+    then ``/`` -> ``.``."""
+    path = path.removeprefix("params/")
+    return path.removesuffix("/kernel").replace("/", ".")
+
+
+class _Entry(NamedTuple):
+    index: int            # the leaf's index in plan.leaves
+    path: str
+    module: str           # torch module name, without "base_model.model."
+    kind: str             # lora | principal | dora | vera | lokr
+    transform: Reparam    # the rule's transform, on the [d_in, d_out] matrix view
+    hparams: dict         # parsed from transform.name
+    frozen: dict          # the leaf's frozen entry, base viewed as a matrix
+    shape: tuple          # (d_in, d_out)
+
+
+def _parse_name(name: str) -> tuple[str, dict]:
+    """``"lokr(r=2, alpha=4, factor=4)"`` -> ``("lokr", {"r": "2", "alpha": "4", "factor": "4"})``."""
+    m = re.fullmatch(r"(\w+)\((.*)\)", name)
+    if m is None:
+        return name, {}
+    return m.group(1), dict(kv.split("=", 1) for kv in m.group(2).split(", ") if "=" in kv)
+
+
+def _namer(module_map: ModuleMap) -> Callable[[str], str]:
+    if module_map is None:
+        return default_module_name
+    if callable(module_map):
+        return module_map
+    if isinstance(module_map, Mapping):
+        def lookup(path):
+            if path not in module_map:
+                raise ReparamError(f"module_map has no entry for the adapted parameter '{path}'; add "
+                                   f"'{path}': '<torch module name>' (it has {sorted(module_map)[:3]}...) or pass "
+                                   "a function path -> module name.")
+            return module_map[path]
+        return lookup
+    raise ReparamError(f"module_map must be None, a dict or a function path -> module name; got {module_map!r}.")
+
+
+def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
+    """One entry per adapted leaf, with its torch module name; errors for leaves PEFT cannot hold."""
+    namer, out, seen = _namer(module_map), [], {}
+    for i, (leaf, f) in enumerate(zip(plan.leaves, plan.treedef.flatten_up_to(frozen))):
+        if leaf.transform is None:
+            continue
+        t = plan.rules[leaf.rule][1]
+        method, hp = _parse_name(t.name)
+        kind = _KIND.get(method)
+        where = f"parameter '{leaf.path}' (rule {leaf.rule} {plan.rules[leaf.rule][0]!r} -> {t.name})"
+        if kind is None:
+            raise ReparamError(f"{where}: no PEFT format for this transform here; exportable: "
+                               f"{sorted(_KIND)}. Give this parameter no rule in the plan you export, "
+                               "or merge it into the base weights (plan.merge) instead.")
+        if leaf.view is not None and leaf.view.batch:
+            raise ReparamError(f"{where}: stacked layers (batch axes {leaf.view.batch}) hold several torch "
+                               "modules in one kernel; unstack the params (one kernel per layer) before export.")
+        if leaf.view is not None and not leaf.view.is_trivial():
+            f = {**f, "base": views.to_matrix(leaf.view, f["base"])}
+        module = namer(leaf.path)
+        if not isinstance(module, str) or not module:
+            raise ReparamError(f"{where}: module_map gave {module!r}; it must give a torch module name "
+                               "such as 'encoder.layer.0.attention.self.query'.")
+        module = module.removeprefix(PREFIX)
+        if module in seen:
+            raise ReparamError(f"module_map sends both '{seen[module]}' and '{leaf.path}' to the torch module "
+                               f"'{module}'; each adapted parameter needs its own module.")
+        seen[module] = leaf.path
+        out.append(_Entry(i, leaf.path, module, kind, t, hp, f, tuple(f["base"].shape)))
+    if not out:
+        raise ReparamError("the plan adapts no parameter: nothing to export or load; add rules such as "
+                           "(r'.*/kernel', rp.lora(8)).")
+    return out
+
+
+def _unit(x):
+    """Zeros shaped like ``x`` with a 1 in the first entry."""
+    u = np.zeros(x.shape, np.float32)
+    u.flat[0] = 1.0
+    return u
+
+
+def _scale(e: _Entry, like: dict) -> float:
+    """The transform's scale ``s`` (``ΔW = s·A@B`` or ``s·A⊗B``), read off the transform on unit factors."""
+    probe = {k: _unit(v) for k, v in like.items()}
+    if e.kind == "dora":        # V = base + s·A@B with V[:, 0] = (s, 1, 0, ...): W[0, 0] / W[1, 0] = s
+        if e.shape[0] < 2:
+            raise ReparamError(f"parameter '{e.path}': DoRA export needs d_in >= 2, got {e.shape}.")
+        base = np.zeros(e.shape, np.float32)
+        base[1, 0] = 1.0
+        w = e.transform.apply({**e.frozen, "base": base}, {**probe, "m": np.ones(like["m"].shape, np.float32)})
+        return float(w[0, 0] / w[1, 0])
+    st = e.transform.structure(e.frozen, probe)
+    return float((st.l if isinstance(st, LowRank) else st.a).reshape(-1)[0])
+
+
+def _nice(x: float):
+    """``x`` rounded to 6 significant digits (an int when whole) where that moves it by < 1e-6 relative."""
+    y = float(f"{x:.6g}")
+    if abs(y - x) > 1e-6 * abs(x):
+        return x
+    return int(y) if y == int(y) else y
+
+
+def _rank(e: _Entry) -> int:
+    if "r" not in e.hparams:
+        raise ReparamError(f"parameter '{e.path}': cannot read the rank from the transform name "
+                           f"{e.transform.name!r}; expected e.g. 'lokr(r=4, alpha=8)'.")
+    return int(e.hparams["r"])
+
+
+def _patterns(modules: list[str], values: list) -> tuple[Any, dict]:
+    """The most common value as the global one; the others per module (PEFT's rank/alpha_pattern)."""
+    common = Counter(values).most_common(1)[0][0]
+    return common, {m: v for m, v in zip(modules, values) if v != common}
+
+
+def _per_module(cfg: dict, module: str, what: str, default_key: str):
+    for key, v in (cfg.get(what) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return v
+    return cfg[default_key]
+
+
+def _np(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, np.float32))
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def _export_lora(entries, trs, initial, config):
+    kinds = {e.kind for e in entries}
+    if "dora" in kinds and kinds != {"dora"}:
+        raise ReparamError(f"one PEFT LoRA adapter is DoRA for all modules or for none (use_dora is global); "
+                           f"this plan mixes {sorted(kinds)}: export them from separate plans.")
+    rslora = all(e.hparams.get("rslora") == "True" or _parse_name(e.transform.name)[0] == "rslora"
+                 for e in entries)
+    tensors, ranks, alphas = {}, [], []
+    init_tr = None
+    if "principal" in kinds:
+        if initial is None:
+            p = next(e.path for e in entries if e.kind == "principal")
+            raise ReparamError(f"parameter '{p}' uses a principal init (PiSSA/MiLoRA/CorDA): PEFT loads the "
+                               "adapter onto the original W0, so export needs the initial factors A0, B0; pass "
+                               "initial=<the trainable plan.init returned> (plan.init is deterministic in "
+                               "its key).")
+        init_tr = initial
+    for e in entries:
+        tr = trs[e.index]
+        a, b = _np(tr["A"]), _np(tr["B"])
+        s = _scale(e, tr)
+        if e.kind == "principal":
+            a0, b0 = _np(init_tr[e.index]["A"]), _np(init_tr[e.index]["B"])
+            if a0.shape != a.shape or b0.shape != b.shape:
+                raise ReparamError(f"parameter '{e.path}': initial factors {a0.shape}, {b0.shape} do not match "
+                                   f"the trainable ones {a.shape}, {b.shape}; pass the trainable of the same "
+                                   "plan's init.")
+            a, b = np.concatenate([a, -a0], 1), np.concatenate([b, b0], 0)
+        r = a.shape[1]
+        tensors[f"{PREFIX}{e.module}.lora_A.weight"] = _np(a.T)
+        tensors[f"{PREFIX}{e.module}.lora_B.weight"] = _np(b.T)
+        if e.kind == "dora":
+            tensors[f"{PREFIX}{e.module}.lora_magnitude_vector"] = _np(tr["m"])
+        ranks.append(r)
+        alphas.append(_nice(s * (math.sqrt(r) if rslora else r)))
+    modules = [e.module for e in entries]
+    r, rank_pattern = _patterns(modules, ranks)
+    alpha, alpha_pattern = _patterns(modules, alphas)
+    config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern, use_rslora=rslora, use_dora=kinds == {"dora"}, lora_dropout=0.0,
+                  bias="none", fan_in_fan_out=False, init_lora_weights=True)
+    return tensors
+
+
+def _vera_shared(entries, r: int):
+    """The shared ``(vera_A [r, in_max], vera_B [out_max, r])`` and per-module ``λ_d`` factors
+    ``√(in_max/fan)``."""
+    keys = {tuple(np.asarray(jax.random.key_data(e.frozen["key"])).tolist()) for e in entries}
+    if len(keys) > 1:
+        raise ReparamError("PEFT's VeRA shares one pair of bases across all modules, and these VeRA rules use "
+                           f"{len(keys)} different keys (seeds); use one seed for every rule.")
+    in_max, out_max = max(e.shape[0] for e in entries), max(e.shape[1] for e in entries)
+    a, b = vera_basis(entries[0].frozen["key"], in_max, out_max, r, fan_in=in_max)
+    ratios = [math.sqrt(in_max / int(e.hparams.get("fan_in", e.shape[0]))) for e in entries]
+    return _np(a.T), _np(b.T), ratios
+
+
+def _export_vera(entries, trs, config):
+    ranks = {trs[e.index]["d"].shape[0] for e in entries}
+    if len(ranks) > 1:
+        raise ReparamError(f"PEFT's VeRA has one rank for all modules; this plan uses {sorted(ranks)}.")
+    r = ranks.pop()
+    va, vb, ratios = _vera_shared(entries, r)
+    tensors = {"base_model.vera_A": va, "base_model.vera_B": vb}
+    for e, ratio in zip(entries, ratios):
+        tensors[f"{PREFIX}{e.module}.vera_lambda_d"] = _np(np.asarray(trs[e.index]["d"], np.float64) * ratio)
+        tensors[f"{PREFIX}{e.module}.vera_lambda_b"] = _np(trs[e.index]["b"])
+    config.update(peft_type="VERA", r=r, projection_prng_key=0, save_projection=True, vera_dropout=0.0,
+                  d_initial=0.1, fan_in_fan_out=False, bias="none", init_weights=True)
+    return tensors
+
+
+def _lokr_layout(entries):
+    layout = {(int(e.hparams.get("factor", -1)), e.hparams.get("decompose_both") == "True") for e in entries}
+    if len(layout) > 1:
+        raise ReparamError(f"PEFT's LoKr has one decompose_factor and decompose_both for all modules; this "
+                           f"plan uses (factor, decompose_both) = {sorted(layout)}.")
+    return layout.pop()
+
+
+def _export_lokr(entries, trs, config):
+    factor, both = _lokr_layout(entries)
+    tensors, ranks, alphas = {}, [], []
+    for e in entries:
+        tr = trs[e.index]
+        r = _rank(e)
+        tensors.update({f"{PREFIX}{e.module}.{LOKR_NAMES[k]}": _np(_np(v).T) for k, v in tr.items()})
+        ranks.append(r)
+        alphas.append(_nice(_scale(e, tr) * r))
+    modules = [e.module for e in entries]
+    r, rank_pattern = _patterns(modules, ranks)
+    alpha, alpha_pattern = _patterns(modules, alphas)
+    config.update(peft_type="LOKR", r=r, alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                  decompose_both=both, decompose_factor=factor, rank_dropout=0.0, module_dropout=0.0,
+                  use_effective_conv2d=False, init_weights=True)
+    return tensors
+
+
+def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_map: ModuleMap = None,
+           initial: Optional[PyTree] = None, base_model_name_or_path: Optional[str] = None) -> dict:
+    """Writes the plan's adapters as a PEFT adapter directory; returns the config written.
+
+    ``PeftModel.from_pretrained(torch_model, directory)`` then computes what ``plan.apply``
+    does, with ``torch_model`` holding the ORIGINAL ``W0``. ``initial``: the trainable
+    ``plan.init`` returned, needed for PiSSA-like inits (see the module docstring). One
+    PEFT method per directory: LoRA (with PiSSA / EVA), DoRA, VeRA or LoKr.
+    """
+    from safetensors.numpy import save_file
+
+    entries = _entries(plan, frozen, module_map)
+    types = {_PEFT_TYPE[e.kind] for e in entries}
+    if len(types) > 1:
+        raise ReparamError(f"one PEFT adapter holds one method; this plan maps to {sorted(types)} "
+                           f"({sorted({e.transform.name for e in entries})}); export from one plan per method.")
+    trs = plan.treedef.flatten_up_to(trainable)
+    init_trs = None if initial is None else plan.treedef.flatten_up_to(initial)
+    config = {**_COMMON, "base_model_name_or_path": base_model_name_or_path,
+              "target_modules": [e.module for e in entries]}
+    kind = types.pop()
+    if kind == "LORA":
+        tensors = _export_lora(entries, trs, init_trs, config)
+    elif kind == "VERA":
+        tensors = _export_vera(entries, trs, config)
+    else:
+        tensors = _export_lokr(entries, trs, config)
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+    return config
+
+
+# --- load --------------------------------------------------------------------------------------
+
+def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) -> PyTree:
+    """Reads a PEFT adapter directory into the plan's trainable pytree (LoRA, rsLoRA, DoRA, VeRA, LoKr).
+
+    ``plan.apply(frozen, load(plan, frozen, d))`` computes what ``PeftModel.from_pretrained(m, d)``
+    does on the torch model whose weights ``frozen`` holds. Factors are rescaled where the file's
+    ``alpha/r`` differs from the plan's. Every adapted parameter must find its module's keys and
+    every key in the file a parameter; ranks must match the plan's rules.
+    """
+    from safetensors.numpy import load_file
+
+    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise ReparamError(f"{p} does not exist: a PEFT adapter directory holds {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME} (PEFT's save_pretrained, safetensors format).")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    tensors = load_file(w_path)
+    entries = _entries(plan, frozen, module_map)
+    peft_type = cfg.get("peft_type")
+    use_dora = bool(cfg.get("use_dora", False))
+    for e in entries:
+        want = {"lora": "LORA", "dora": "LORA", "vera": "VERA", "lokr": "LOKR"}.get(e.kind)
+        ok = want == peft_type and (peft_type != "LORA" or use_dora == (e.kind == "dora"))
+        if e.kind == "principal" or _parse_name(e.transform.name)[0] == "eva":
+            raise ReparamError(f"parameter '{e.path}' uses {e.transform.name}, whose init depends on W0 or data: "
+                               "a PEFT adapter loads only into rp.lora / rp.dora / rp.vera / rp.lokr rules; use "
+                               "one of those for this path.")
+        if not ok:
+            got = f"{peft_type}{' (use_dora)' if use_dora else ''}"
+            fix = {"LORA": "rp.dora(r)" if use_dora else "rp.lora(r)", "VERA": "rp.vera(r)",
+                   "LOKR": "rp.lokr(r)"}.get(peft_type, "a matching transform")
+            raise ReparamError(f"{cfg_path} is a {got} adapter but the plan adapts '{e.path}' with "
+                               f"{e.transform.name}; use {fix} on this path.")
+    trs, used = {}, set()
+
+    def get(e, name):
+        key = f"{PREFIX}{e.module}.{name}"
+        if key not in tensors:
+            mods = sorted({k[len(PREFIX):].rsplit(".", 2)[0] for k in tensors if k.startswith(PREFIX)})
+            raise ReparamError(f"key '{key}' is missing from {w_path}: the plan adapts '{e.path}' as torch module "
+                               f"'{e.module}', and the file has modules {mods[:6]}; fix module_map (or the plan's "
+                               "rules) so that each adapted path names a module of the file.")
+        used.add(key)
+        return np.asarray(tensors[key], np.float32)
+
+    def check(e, key, got, want):
+        if tuple(got) != tuple(want):
+            raise ReparamError(f"'{PREFIX}{e.module}.{key}' has shape {tuple(got)} in the file, but the plan's "
+                               f"{e.transform.name} on '{e.path}' {e.shape} needs {tuple(want)} (torch layout): "
+                               "the rank (or factor layout) differs; use the file's r in this rule (config r="
+                               f"{cfg.get('r')}, rank_pattern={cfg.get('rank_pattern') or {}}).")
+
+    key0 = jax.random.key(0)
+    vera = None
+    for e in entries:
+        like = jax.eval_shape(e.transform.init, key0, jax.ShapeDtypeStruct(e.shape, jnp.float32))[1]
+        s_plan = None if e.kind == "vera" else _scale(e, like)
+        if e.kind in ("lora", "dora"):
+            a, b = get(e, "lora_A.weight"), get(e, "lora_B.weight")
+            check(e, "lora_A.weight", a.shape, like["A"].shape[::-1])
+            check(e, "lora_B.weight", b.shape, like["B"].shape[::-1])
+            r = a.shape[0]
+            alpha = _per_module(cfg, e.module, "alpha_pattern", "lora_alpha")
+            s_file = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            tr = {"A": a.T * (s_file / s_plan), "B": b.T}
+            if e.kind == "dora":
+                name = "lora_magnitude_vector"
+                m = get(e, name) if f"{PREFIX}{e.module}.{name}" in tensors else get(e, name + ".weight")
+                check(e, name, m.shape, like["m"].shape)
+                tr["m"] = m
+        elif e.kind == "vera":
+            if vera is None:
+                vera = _load_vera_bases(entries, like["d"].shape[0], tensors, used, w_path)
+            ratio = vera[e.index]
+            d, b = get(e, "vera_lambda_d"), get(e, "vera_lambda_b")
+            check(e, "vera_lambda_d", d.shape, like["d"].shape)
+            check(e, "vera_lambda_b", b.shape, like["b"].shape)
+            tr = {"d": np.asarray(d, np.float64) / ratio, "b": b}
+        else:
+            tr = {}
+            for k, v in like.items():
+                x = get(e, LOKR_NAMES[k])
+                check(e, LOKR_NAMES[k], x.shape, v.shape[::-1])
+                tr[k] = x.T
+            r = int(_per_module(cfg, e.module, "rank_pattern", "r"))
+            s_file = _per_module(cfg, e.module, "alpha_pattern", "alpha") / r
+            first = "A" if "A" in tr else "A1"
+            tr[first] = tr[first] * (s_file / s_plan)
+        trs[e.index] = tr
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ReparamError(f"{w_path} has {len(extra)} keys no adapted parameter reads, e.g. {extra[:4]}; "
+                           "add rules for those modules to the plan, or fix module_map (paths -> module names "
+                           f"like {[e.module for e in entries[:2]]}).")
+    dtype = plan.trainable_dtype or jnp.float32
+    out = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), trs[i]) if i in trs else {}
+           for i in range(len(plan.leaves))]
+    return plan.treedef.unflatten(out)
+
+
+def _load_vera_bases(entries, r, tensors, used, w_path):
+    """Checks the file's shared VeRA bases against the plan's; returns ``{leaf index: √(in_max/fan)}``."""
+    names = ("base_model.vera_A", "base_model.vera_B")
+    if not all(n in tensors for n in names):
+        raise ReparamError(f"{w_path} has no {names[0]} / {names[1]}: the adapter was saved with "
+                           "save_projection=False, so its bases are torch's, regenerated from a torch seed that "
+                           "JAX cannot reproduce; save it with VeraConfig(save_projection=True) and bases equal to "
+                           "rp.random_basis.vera_basis (e.g. an adapter exported by reparam).")
+    va, vb, ratios = _vera_shared(entries, r)
+    fa, fb = (np.asarray(tensors[n], np.float32) for n in names)
+    used.update(names)
+    for n, ours, theirs in ((names[0], va, fa[:, :va.shape[1]]), (names[1], vb, fb[:vb.shape[0]])):
+        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=1e-6):
+            raise ReparamError(f"{n} in {w_path} ({tuple(theirs.shape)}) is not the basis the plan's VeRA key "
+                               f"regenerates {tuple(ours.shape)}: PEFT drew it with torch, and our VeRA cannot use "
+                               "other bases. Only adapters whose bases equal rp.random_basis.vera_basis (e.g. "
+                               "exported by reparam) load exactly; merge this one in PEFT (merge_and_unload).")
+    return {e.index: ratio for e, ratio in zip(entries, ratios)}
