@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import views
-from reparam.structure import Sparse, Sum, dense, matvec, prefer_factored
+from reparam.structure import Kron, Sparse, Sum, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -60,10 +60,17 @@ def _materialised_fwd(x, base, s):
     return x @ w, (x, w, s)
 
 
+# From this many tokens per call, a Kronecker factor's gradient is taken from one dW = xᵀg GEMM (projected
+# onto A and B) rather than the vec trick: fewer FLOPs, but slower and larger on XLA:CPU at 1024+ tokens
+# (benchmarks/hot_path.py, 768² LoKr: 29 vs 37 ms autodiff at 1024, 230 vs 164 ms at 4096).
+KRON_GEMM_TOKENS = 512
+
+
 def _structure_grad(s, x, g, dw):
     """The cotangent of structure ``s`` from the layer's input ``x`` and output cotangent ``g``.
 
-    Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick). Sparse:
+    Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick; Kronecker from
+    ``KRON_GEMM_TOKENS`` tokens: the pullback of ``dense`` at ``dW``). Sparse:
     ``dW[idx]`` from one dense ``dW = xᵀg`` (``dw()``, shared by all sparse parts): on CPU one GEMM
     is faster than gathering ``N·k`` products for any support above a few tokens (benchmarks/hot_path.py).
     """
@@ -71,6 +78,9 @@ def _structure_grad(s, x, g, dw):
         return Sum(tuple(_structure_grad(p, x, g, dw) for p in s.parts))
     if isinstance(s, Sparse):
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
+    if isinstance(s, Kron) and x.shape[0] >= KRON_GEMM_TOKENS:
+        _, pull = jax.vjp(lambda s_: dense(s_, (x.shape[1], g.shape[1])), s)
+        return pull(dw())[0]
     _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
     return pull(g)[0]
 

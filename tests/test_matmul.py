@@ -217,3 +217,15 @@ def test_bad_mode():
     plan = rp.plan([(r"up/kernel", rp.lora(2))], params)
     with pytest.raises(rp.ReparamError, match="matmul must be one of"):
         rp.train.make_train_step(plan, loss_fn, optax.sgd(0.1), matmul="fast")
+
+
+def test_kron_gradient_from_dense_dw_at_many_tokens(monkeypatch):
+    """From KRON_GEMM_TOKENS tokens the Kronecker factors' gradient comes from one xᵀg: same values."""
+    monkeypatch.setattr(mm, "KRON_GEMM_TOKENS", 1)
+    s = _structures(jax.random.key(0), 8, 12)["kron"]
+    base = jax.random.normal(jax.random.key(1), (8, 12))
+    x, g = jax.random.normal(jax.random.key(2), (5, 8)), jax.random.normal(jax.random.key(3), (5, 12))
+    ref = jax.grad(lambda s: jnp.sum(x @ (base + S.dense(s, base.shape)) * g))(s)
+    got = jax.grad(lambda s: jnp.sum(mm.structured_matmul(x, base, s, factored=False) * g))(s)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
