@@ -77,8 +77,8 @@ def time_step(d: int, tokens: int, transform, mode: str, repeats: int) -> dict:
 def sweep(args) -> list[dict]:
     rows = []
     d = args.d
-    ranks = (4, 16, 64) if not args.quick else (8,)
-    tokens = (16, 64, 256, 1024, 4096) if not args.quick else (32, 1024)
+    ranks = (8, 64) if not args.quick else (8,)
+    tokens = (16, 128, 1024, 4096) if not args.quick else (32, 1024)
     transforms = [(f"lora r={r}", rp.lora(r), r) for r in ranks]
     transforms += [("lokr r=8", rp.lokr(8), 8), ("sparse 1%", rp.sparse.random(density=0.01), 0)]
     for name, t, r in transforms:
@@ -172,7 +172,7 @@ def plot(rows, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--dp-tokens", type=int, default=8192)
     ap.add_argument("--quick", action="store_true")

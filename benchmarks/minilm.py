@@ -1,29 +1,49 @@
-"""MiniLM train-step speed: full fine-tuning vs reparam transforms, the hot path on and off.
+"""MiniLM train step, side by side: reparam full fine-tuning and transforms vs Hugging Face PEFT (torch CPU).
 
-    python -m benchmarks.minilm                                  # full, lora (autodiff = before), lora (hot)
-    python -m benchmarks.minilm --methods=full,lora,dora,pissa,vera,lokr,fourierft,waveft,randlora
+    python -m benchmarks.minilm                       # every method, both sides -> results/minilm.{json,md,png}
+    python -m benchmarks.minilm --quick               # lora + pissa, 3 steps -> results/minilm_quick.*
+    python -m benchmarks.minilm --methods=full,lora@autodiff,lora --sides=reparam --steps=15
 
-all-MiniLM-L6-v2 (experiments.models.bert) with a 3-class head on the mean-pooled output;
-batch 32 x seq 64 = 2048 tokens; forward + cross-entropy + backward + AdamW. Adapters on all
-36 query/key/value/attention-output/intermediate/output kernels, head trainable (as
-../shared/PERF_NOTES.md's yardstick). Each configuration runs in its own process (so one's
-compilation caches and memory do not affect another), ``--warmup`` steps then the median of
+all-MiniLM-L6-v2 (experiments.models.bert; PEFT side: the same weights in transformers'
+``BertModel``, benchmarks/peft_minilm.py) with a 3-class head on the mean-pooled output;
+batch 32 x seq 64 = 2048 tokens (the same numpy-drawn batch on both sides); forward +
+cross-entropy + backward + AdamW. Adapters on all 36 query/key/value/attention-output/
+intermediate/output kernels, head trainable (as ../shared/PERF_NOTES.md's yardstick): r=8
+alpha=16, VeRA r=256, RandLoRA r=32, LoKr r=8, FourierFT / WaveFT 1000 coefficients, PiSSA by
+randomized SVD (ours ``niter=4``, PEFT ``pissa_niter_4``). Each configuration runs in its own
+process (so one's compilation caches and memory do not affect another; torch with
+``--threads`` threads, default: this machine's cores), ``--warmup`` steps then the median of
 ``--steps``. ``name@autodiff`` runs a method with ``matmul="autodiff"``: plain autodiff through
 the materialised weights and no LayerNorm barrier -- the library before the hot path.
-Writes ``benchmarks/results/minilm.{json,md}``.
+
+Columns: step ms and tokens/s; ``x reparam LoRA`` / ``x PEFT LoRA``: the row's step time over
+reparam's / PEFT's LoRA step (blank when that run is not in the sweep); trainable count; init s
+(cold = first call in the process, reparam's including compilation; warm = second call):
+``rp.plan`` + ``plan.init`` vs ``peft.get_peft_model``; adapter file bytes: ours
+``rp.interop.peft.export`` (LoRA, DoRA, PiSSA, VeRA, LoKr) + the head as safetensors, else the
+trainable pytree as safetensors; PEFT's ``save_pretrained`` directory; peak memory: the
+process's peak RSS while training (VmHWM, reset before the first step) and for reparam also
+XLA's estimate for the compiled step (arguments + outputs + temporaries - aliased). Methods PEFT
+lacks (krona, sara, sltrain) are blank on the PEFT side.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results")
 ADAPTED = r".*layer_\d+/(attention/(query|key|value|output)|intermediate|output)/kernel"
+N_CLASSES = 3
+EXPORTABLE = ("lora", "dora", "pissa", "vera", "lokr")     # rp.interop.peft.export formats
+ALL = "full,lora@autodiff,lora,dora,pissa,vera,lokr,fourierft,waveft,randlora,krona,sara,sltrain"
+QUICK = dict(methods="lora,pissa", warmup=1, steps=3)
 
 
 def rules_for(name: str):
@@ -41,6 +61,72 @@ def rules_for(name: str):
     return [(ADAPTED, r[name]), (r"head/.*", rp.full())]
 
 
+# --- shared with benchmarks/peft_minilm.py (stdlib + numpy only) ---------------------------------
+
+def fixed_batch(batch: int, seq: int):
+    """``(ids, mask, labels)`` int64 numpy arrays, the same on both sides: ids in [1000, 30000), labels in [0, 3)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, (batch, seq))
+    return ids, np.ones_like(ids), rng.integers(0, N_CLASSES, (batch,))
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process from /proc/self/status, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's ``VmHWM`` to its current RSS (Linux: '5' into /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def dir_size(path: str) -> int:
+    """Total bytes of the files under ``path``."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+# --- the reparam side ----------------------------------------------------------------------------
+
+def torch_module(path: str) -> str:
+    """``"encoder/layer_3/attention/query/kernel"`` -> ``"bert.encoder.layer.3.attention.self.query"`` (PEFT side)."""
+    i, rest = re.fullmatch(r"encoder/layer_(\d+)/(.+)/kernel", path).groups()
+    sub = {"attention/query": "attention.self.query", "attention/key": "attention.self.key",
+           "attention/value": "attention.self.value", "attention/output": "attention.output.dense",
+           "intermediate": "intermediate.dense", "output": "output.dense"}[rest]
+    return f"bert.encoder.layer.{i}.{sub}"
+
+
+def adapter_bytes(name, params, frozen, trainable, initial) -> tuple[int, str]:
+    """Bytes of our saved adapter: a PEFT directory + the head where exportable, else the trainable pytree."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import reparam as rp
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    with tempfile.TemporaryDirectory() as d:
+        if name in EXPORTABLE:
+            adapters_only = rp.plan(rules_for(name)[:1], params)
+            rp.interop.peft.export(adapters_only, frozen, trainable, d, module_map=torch_module, initial=initial)
+            save_file({k: v for k, v in flat.items() if k.startswith("head/")}, os.path.join(d, "head.safetensors"))
+            what = "rp.interop.peft.export + head safetensors"
+        else:
+            save_file(flat, os.path.join(d, "trainable.safetensors"))
+            what = "safetensors of the trainable pytree"
+        return dir_size(d), what
+
+
 def child(name: str, mode: str, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -51,14 +137,20 @@ def child(name: str, mode: str, args) -> dict:
     from experiments.models import bert
 
     t0 = time.perf_counter()
-    clf, params, _ = bert.minilm_classifier(jax.random.key(0), n_classes=3)
+    clf, params, _ = bert.minilm_classifier(jax.random.key(0), n_classes=N_CLASSES)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     plan = rp.plan(rules_for(name), params)
     frozen, trainable = plan.init(jax.random.key(1), params)
-    jax.block_until_ready(trainable)
+    jax.block_until_ready((frozen, trainable))
     init_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
-    batch = (ids, jnp.ones_like(ids), jnp.asarray(rng.integers(0, 3, (args.batch,)), jnp.int32))
+    t0 = time.perf_counter()
+    jax.block_until_ready(plan.init(jax.random.key(1), params))
+    init_warm_s = time.perf_counter() - t0
+    initial = None if name == "full" else jax.tree.map(np.array, trainable)   # the step donates `trainable`
+    ids, mask, labels = (jnp.asarray(a, jnp.int32) for a in fixed_batch(args.batch, args.seq))
+    batch = (ids, mask, labels)
 
     def loss_fn(p, b, key):
         logits = clf.apply({"params": p}, b[0], b[1])
@@ -67,12 +159,18 @@ def child(name: str, mode: str, args) -> dict:
     opt = optax.adamw(1e-4)
     step = rp.train.make_train_step(plan, loss_fn, opt, matmul=mode)
     state = rp.train.init_state(trainable, opt, jax.random.key(2))
+    t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes) if mem is not None else -1
+    rss0 = rss_mb("VmRSS")
+    reset = reset_peak_rss()
+    losses = []
     for _ in range(args.warmup):
         state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
     jax.block_until_ready(state)
     times = []
     for _ in range(args.steps):
@@ -80,51 +178,179 @@ def child(name: str, mode: str, args) -> dict:
         state, m = step(state, frozen, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t)
+    rss_peak = rss_mb("VmHWM")
+    losses.append(float(m["loss"]))
+    size, what = adapter_bytes(name, params, frozen, state.trainable, initial)
     ms = 1e3 * float(np.median(times))
-    return {"method": name, "matmul": mode, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
-            "trainable": int(sum(plan.trainable_counts(trainable))), "peak_mb": peak / 2 ** 20,
-            "init_s": init_s, "loss": float(m["loss"]), "backend": jax.default_backend()}
+    return {"side": "reparam", "method": name, "matmul": mode, "step_ms": ms,
+            "tokens_per_s": args.batch * args.seq / ms * 1e3, "step_ms_all": [1e3 * x for x in times],
+            "trainable": int(sum(plan.trainable_counts(trainable))), "xla_peak_mb": peak / 2 ** 20,
+            "rss_peak_mb": rss_peak if reset else None, "rss_train_delta_mb": rss_peak - rss0 if reset else None,
+            "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "compile_s": compile_s,
+            "adapter_bytes": size, "adapter_what": what, "loss_first": losses[0], "loss": losses[-1],
+            "backend": jax.default_backend()}
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def run_child(module: str, spec: str, args) -> dict:
+    """Runs one configuration in a fresh process; its JSON line, or ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", module, f"--child={spec}", f"--batch={args.batch}", f"--seq={args.seq}",
+           f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    env = dict(os.environ)
+    if module.endswith("peft_minilm"):
+        cmd.append(f"--threads={args.threads}")
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - t
+    if res.returncode:
+        tail = res.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0], "stderr_tail": res.stderr[-3000:], "wall_s": wall}
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "wall_s": wall}
+
+
+def _f(v, spec, none="") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return ""
+    return f"{n / 2 ** 20:.2f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KB"
+
+
+def markdown(rows) -> str:
+    lora_ms = {s: next((r["step_ms"] for r in rows if r["side"] == s and r["method"] == "lora"
+                        and r.get("matmul", "auto") == "auto" and "error" not in r), None) for s in ("reparam", "peft")}
+    lines = ["| method | side | step ms | tokens/s | x reparam LoRA | x PEFT LoRA | trainable | init s cold / warm | "
+             "adapter file | peak RSS MB | RSS rise in training MB | XLA peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        label = r["method"] + (f"@{r['matmul']}" if r.get("matmul", "auto") != "auto" else "")
+        side = "reparam" if r["side"] == "reparam" else "PEFT"
+        if r.get("missing"):
+            lines.append(f"| {label} | {side} | | | | | | | | | | |")
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | {side} | FAILED: {' '.join(r['error'].split())[:200]} | | | | | | | | | |")
+            continue
+        ms = r["step_ms"]
+        x = [f"{ms / lora_ms[s]:.2f}" if lora_ms[s] else "" for s in ("reparam", "peft")]
+        lines.append(f"| {label} | {side} | {ms:.1f} | {r['tokens_per_s']:.0f} | {x[0]} | {x[1]} | "
+                     f"{r['trainable']:,} | {r['init_s']:.3f} / {r['init_warm_s']:.3f} | "
+                     f"{_bytes(r['adapter_bytes'])} | {_f(r['rss_peak_mb'], '.0f')} | "
+                     f"{_f(r['rss_train_delta_mb'], '.0f')} | {_f(r.get('xla_peak_mb'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+    ok = [r for r in rows if "error" not in r and not r.get("missing")]
+    labels = list(dict.fromkeys(r["method"] + (f"@{r['matmul']}" if r.get("matmul", "auto") != "auto" else "")
+                                for r in rows))
+
+    def values(side, key):
+        out = []
+        for lab in labels:
+            m, _, mode = lab.partition("@")
+            r = next((r for r in ok if r["side"] == side and r["method"] == m
+                      and (side == "peft" or r["matmul"] == (mode or "auto"))), None)
+            out.append(np.nan if r is None else r[key])
+        return np.array(out, float)
+
+    panels = [("step_ms", "step ms (lower is better)", None), ("init_warm_s", "init s, warm", None),
+              ("adapter_bytes", "adapter file MB", 2 ** 20)]
+    x = np.arange(len(labels))
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.1 * len(labels) * 3), 3.8))
+    for ax, (key, title, div) in zip(axes, panels):
+        for off, side, colour in ((-0.2, "reparam", "tab:blue"), (0.2, "peft", "tab:orange")):
+            v = values(side, key) / (div or 1)
+            ax.bar(x + off, v, 0.4, label="reparam" if side == "reparam" else "PEFT (torch CPU)", color=colour)
+        if key == "step_ms":
+            for side, colour in (("reparam", "tab:blue"), ("peft", "tab:orange")):
+                lora = [r["step_ms"] for r in ok if r["side"] == side and r["method"] == "lora"
+                        and r.get("matmul", "auto") == "auto"]
+                if lora:
+                    ax.axhline(lora[0], color=colour, ls=":", lw=1)
+        sizes = np.concatenate([values(s, key) for s in ("reparam", "peft")])
+        if key == "adapter_bytes" and np.nanmax(sizes) > 30 * np.nanmin(sizes):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("all-MiniLM-L6-v2, batch 32 x 64 tokens, CPU: reparam vs PEFT (dotted: each side's LoRA)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
+    from benchmarks import peft_minilm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="full,lora@autodiff,lora")
+    ap.add_argument("--methods", default=None, help=f"comma-separated; default {ALL}")
+    ap.add_argument("--sides", default="reparam,peft", help="reparam, peft or both")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=None, help="default 3 (--quick: 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps, median reported; default 15 (--quick: 3)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    ap.add_argument("--quick", action="store_true", help="lora,pissa with 1 + 3 steps; writes minilm_quick.*")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    defaults = QUICK if args.quick else dict(methods=ALL, warmup=3, steps=15)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.child:
         name, _, mode = args.child.partition("@")
         print(json.dumps(child(name, mode or "auto", args)))
         return
+    sides = args.sides.split(",")
     rows = []
     for spec in args.methods.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.minilm", f"--child={spec}", f"--batch={args.batch}",
-               f"--seq={args.seq}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if res.returncode:
-            raise SystemExit(f"{spec} failed:\n{res.stderr[-3000:]}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{spec:>16}: {r['step_ms']:8.1f} ms  {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:7.1f} MB  "
-              f"{r['trainable']:>10,} trainable", flush=True)
-    full = next((r["step_ms"] for r in rows if r["method"] == "full"), None)
-    lines = ["| method | matmul | step ms | tokens/s | x full | peak MB | trainable | init s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['step_ms'] / full:.2f}" if full else ""
-        lines.append(f"| {r['method']} | {r['matmul']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | "
-                     f"{r['peak_mb']:.0f} | {r['trainable']:,} | {r['init_s']:.2f} |")
-    md = "\n".join(lines)
+        name, _, mode = spec.partition("@")
+        rules_for(name)                                      # unknown names fail before any run
+        todo = [("reparam", "benchmarks.minilm")] if "reparam" in sides else []
+        if "peft" in sides and not mode:
+            todo.append(("peft", "benchmarks.peft_minilm"))
+        for side, module in todo:
+            if side == "peft" and name not in peft_minilm.METHODS:
+                rows.append({"side": side, "method": name, "missing": True})
+                print(f"{spec:>14} {side:>7}: not in PEFT", flush=True)
+                continue
+            r = {"side": side, "method": name, **({"matmul": mode or "auto"} if side == "reparam" else {}),
+                 **run_child(module, spec, args)}
+            rows.append(r)
+            if "error" in r:
+                print(f"{spec:>14} {side:>7}: FAILED {r['error']}\n{r['stderr_tail']}", flush=True)
+            else:
+                print(f"{spec:>14} {side:>7}: {r['step_ms']:8.1f} ms  {r['tokens_per_s']:6.0f} tok/s  init "
+                      f"{r['init_s']:.3f}/{r['init_warm_s']:.3f} s  adapter {_bytes(r['adapter_bytes']):>9}  "
+                      f"peak RSS {_f(r['rss_peak_mb'], '.0f')} MB  ({r['wall_s']:.0f} s)", flush=True)
+    md = markdown(rows)
     print("\n" + md)
+    tag = "minilm_quick" if args.quick else "minilm"
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "minilm.json"), "w") as f:
-        json.dump({"batch": args.batch, "seq": args.seq, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "minilm.md"), "w") as f:
-        f.write(md + "\n")
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+                   "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
+                f"{args.warmup} warm-up; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n{md}\n")
+    plot(rows, os.path.join(args.out, f"{tag}.png"))
+    print(f"\nwrote {tag}.json, {tag}.md, {tag}.png to {args.out}")
+    if any("error" in r for r in rows):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

