@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 import optax
 
 import reparam as rp
+from benchmarks.timing import median, peak_bytes, run_steps
 
 MODES = ("autodiff", "materialised", "factored", "auto")
 OUT = os.path.join(os.path.dirname(__file__), "results")
@@ -40,14 +40,6 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.Dense(self.d, name="dense")(x)
-
-
-def peak_bytes(compiled) -> int:
-    """XLA's estimate of a compiled executable's peak memory: arguments + outputs + temporaries − aliased."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return -1
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def time_step(d: int, tokens: int, transform, mode: str, repeats: int) -> dict:
@@ -62,16 +54,8 @@ def time_step(d: int, tokens: int, transform, mode: str, repeats: int) -> dict:
     step = rp.train.make_train_step(plan, loss, opt, matmul=mode)
     state = rp.train.init_state(trainable, opt, jax.random.key(3))
     peak = peak_bytes(step.lower(state, frozen, x).compile())
-    for _ in range(3):
-        state, _ = step(state, frozen, x)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, _ = step(state, frozen, x)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * float(np.median(times)), "peak_mb": peak / 2 ** 20}
+    _, times, _ = run_steps(step, state, frozen, x, 3, repeats)
+    return {"ms": median(times), "peak_mb": peak / 2 ** 20}
 
 
 def sweep(args) -> list[dict]:
@@ -112,16 +96,8 @@ def devices_run(args) -> dict:
                    in_shardings=(rep, rep, data), out_shardings=(rep, rep))
     state = jax.device_put(rp.train.init_state(trainable, opt, jax.random.key(3)), rep)
     frozen, x = jax.device_put(frozen, rep), jax.device_put(x, data)
-    for _ in range(3):
-        state, _ = step(state, frozen, x)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        state, _ = step(state, frozen, x)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    return {"devices": len(jax.devices()), "tokens": n, "ms": 1e3 * float(np.median(times))}
+    _, times, _ = run_steps(step, state, frozen, x, 3, args.repeats)
+    return {"devices": len(jax.devices()), "tokens": n, "ms": median(times)}
 
 
 def devices(args) -> list[dict]:

@@ -134,6 +134,7 @@ def child(name: str, mode: str, args) -> dict:
     import optax
 
     import reparam as rp
+    from benchmarks.timing import median, peak_bytes, run_steps
     from experiments.models import bert
 
     t0 = time.perf_counter()
@@ -162,28 +163,15 @@ def child(name: str, mode: str, args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes) if mem is not None else -1
+    peak = peak_bytes(compiled)
     rss0 = rss_mb("VmRSS")
     reset = reset_peak_rss()
-    losses = []
-    for _ in range(args.warmup):
-        state, m = step(state, frozen, batch)
-        losses.append(float(m["loss"]))
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = step(state, frozen, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
+    state, times, losses = run_steps(step, state, frozen, batch, args.warmup, args.steps)
+    ms = median(times)
     rss_peak = rss_mb("VmHWM")
-    losses.append(float(m["loss"]))
     size, what = adapter_bytes(name, params, frozen, state.trainable, initial)
-    ms = 1e3 * float(np.median(times))
     return {"side": "reparam", "method": name, "matmul": mode, "step_ms": ms,
-            "tokens_per_s": args.batch * args.seq / ms * 1e3, "step_ms_all": [1e3 * x for x in times],
+            "tokens_per_s": args.batch * args.seq / ms * 1e3, "step_ms_all": times,
             "trainable": int(sum(plan.trainable_counts(trainable))), "xla_peak_mb": peak / 2 ** 20,
             "rss_peak_mb": rss_peak if reset else None, "rss_train_delta_mb": rss_peak - rss0 if reset else None,
             "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "compile_s": compile_s,

@@ -1,4 +1,4 @@
-"""Sparse-mask family: trainable values at a fixed support, ``W = W0 + scatter(idx, values)``.
+"""Sparse-mask family: trainable values at a fixed support, ``W = W0 + ΔW``, ``ΔW`` zero off the support.
 
 The support is a set of ``k`` flat indices into the ``[d_in, d_out]`` weight,
 held in ``frozen["idx"]`` (int32, sorted); the trainable state is the ``k``
@@ -22,7 +22,7 @@ import numpy as np
 
 from reparam.core import Reparam, ReparamError, additive, fmt_name
 from reparam.plan import path_str
-from reparam.structure import Sparse, dense
+from reparam.structure import Sparse
 
 
 def _count(n: int, what: str, method: str, k, density) -> int:
@@ -46,12 +46,6 @@ def support_size(shape: tuple[int, ...], method: str, *, k: Optional[int] = None
                  density: Optional[float] = None) -> int:
     """The number of support entries ``k`` from either ``k`` or ``density`` of a ``d_in x d_out`` weight."""
     return _count(shape[-2] * shape[-1], f"entries of a {shape[-2]}x{shape[-1]} weight", method, k, density)
-
-
-def scatter(frozen, trainable, scale: float = 1.0):
-    """``ΔW = s · scatter(idx, values)`` into a zero ``[d_in, d_out]`` matrix of ``frozen["base"]``'s shape."""
-    shape = frozen["base"].shape[-2:]
-    return dense(Sparse(frozen["idx"], scale * trainable["values"], shape[1]), shape)
 
 
 def from_support(name: str, choose, scale: float = 1.0, **fields) -> Reparam:
