@@ -23,7 +23,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 run: $(VENV)/.base
-	$(BIN)/python -m experiments.run --config=experiments/configs/digits.py
+	$(BIN)/python -m experiments.run --config=experiments/configs/tweets.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

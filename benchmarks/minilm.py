@@ -24,7 +24,10 @@ reparam's / PEFT's LoRA step (blank when that run is not in the sweep); trainabl
 trainable pytree as safetensors; PEFT's ``save_pretrained`` directory; peak memory: the
 process's peak RSS while training (VmHWM, reset before the first step) and for reparam also
 XLA's estimate for the compiled step (arguments + outputs + temporaries - aliased). Methods PEFT
-lacks (krona, sara, sltrain) are blank on the PEFT side.
+lacks are blank on the PEFT side. After the methods PEFT has (``PEFT_TOO``; PEFT's ``sparse`` is SHiRA r=4,
+random mask: 2.1% of a 384 x 384 kernel, ours 2%), the default sweep runs every other method of
+``experiments.methods.METHODS`` on the reparam side with the runner's hyperparameters
+(experiments/configs/tweets.py); the calibrated ones (CorDA, EVA, LoRA-SB, SPT) calibrate on the batch.
 """
 from __future__ import annotations
 
@@ -41,8 +44,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results")
 ADAPTED = r".*layer_\d+/(attention/(query|key|value|output)|intermediate|output)/kernel"
 N_CLASSES = 3
-EXPORTABLE = ("lora", "dora", "pissa", "vera", "lokr")     # rp.interop.peft.export formats
-ALL = "full,lora@autodiff,lora,dora,pissa,vera,lokr,fourierft,waveft,randlora,krona,sara,sltrain"
+EXPORTABLE = ("lora", "rslora", "dora", "pissa", "vera", "lokr")     # rp.interop.peft.export formats
+PEFT_TOO = "full,lora@autodiff,lora,rslora,dora,pissa,vera,lokr,fourierft,waveft,randlora,sparse"
+def all_methods() -> str:
+    """PEFT_TOO, then every other method of experiments.methods.METHODS (reparam only) but the linear probe."""
+    from experiments import methods as M
+    first = PEFT_TOO.split(",")
+    return ",".join(first + [m for m in M.METHODS if m not in first and m != "head"])
+
+
 QUICK = dict(methods="lora,pissa", warmup=1, steps=3)
 
 
@@ -52,10 +62,14 @@ def rules_for(name: str):
          "lora": rp.lora(8, alpha=16), "dora": rp.dora(8, alpha=16), "pissa": rp.pissa(8, alpha=16, niter=4),
          "vera": rp.vera(256), "lokr": rp.lokr(8, alpha=16), "krona": rp.krona(),
          "fourierft": rp.fourierft(1000, 300.0), "waveft": rp.waveft(k=1000),
-         "randlora": rp.randlora(32), "sara": rp.sparse.magnitude(k=1000),
+         "randlora": rp.randlora(32), "sparse": rp.sparse.random(density=0.02), "rslora": rp.lora(8, 16, rslora=True),
          "sltrain": rp.add(rp.lora(4, alpha=8), rp.sparse.random(k=1000))}
     if name not in r:
-        raise SystemExit(f"unknown method {name!r}; choose from {sorted(r)}")
+        from experiments import methods as M
+        from experiments.configs import tweets
+        if name not in M.METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {sorted(set(r) | set(M.METHODS))}")
+        return M.METHODS[name](tweets.get_config())         # the runner's hyperparameters
     if r[name] is None:
         return [(r".*", rp.full())]
     return [(ADAPTED, r[name]), (r"head/.*", rp.full())]
@@ -142,20 +156,31 @@ def child(name: str, mode: str, args) -> dict:
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = rp.plan(rules_for(name), params)
-    frozen, trainable = plan.init(jax.random.key(1), params)
-    jax.block_until_ready((frozen, trainable))
-    init_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(plan.init(jax.random.key(1), params))
-    init_warm_s = time.perf_counter() - t0
-    initial = None if name == "full" else jax.tree.map(np.array, trainable)   # the step donates `trainable`
     ids, mask, labels = (jnp.asarray(a, jnp.int32) for a in fixed_batch(args.batch, args.seq))
     batch = (ids, mask, labels)
 
-    def loss_fn(p, b, key):
+    def loss_fn(p, b, key=None):
         logits = clf.apply({"params": p}, b[0], b[1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, b[2]).mean()
+
+    def init():
+        """plan + (calibration on the batch, for CorDA / EVA / LoRA-SB / SPT) + plan.init."""
+        plan = rp.plan(rules_for(name), params)
+        calib = None
+        if plan.calibrated():
+            from experiments import methods as M
+            from experiments.configs import tweets
+            calib = M.calibrate(name, plan, tweets.get_config(), model=clf, params=params, batches=[batch],
+                                loss_fn=loss_fn, inputs=lambda b: (b[0], b[1]))
+        return plan, *jax.block_until_ready(plan.init(jax.random.key(1), params, calib))
+
+    t0 = time.perf_counter()
+    plan, frozen, trainable = init()
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    init()
+    init_warm_s = time.perf_counter() - t0
+    initial = None if name == "full" else jax.tree.map(np.array, trainable)   # the step donates `trainable`
 
     opt = optax.adamw(1e-4)
     step = rp.train.make_train_step(plan, loss_fn, opt, matmul=mode)
@@ -284,7 +309,7 @@ def plot(rows, path):
 def main():
     from benchmarks import peft_minilm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=None, help=f"comma-separated; default {ALL}")
+    ap.add_argument("--methods", default=None, help=f"comma-separated; default {PEFT_TOO},... (all)")
     ap.add_argument("--sides", default="reparam,peft", help="reparam, peft or both")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
@@ -295,7 +320,7 @@ def main():
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    defaults = QUICK if args.quick else dict(methods=ALL, warmup=3, steps=15)
+    defaults = QUICK if args.quick else dict(methods=all_methods(), warmup=3, steps=15)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLUMNS = ("method", "transform", "acc 5-9", "trainable", "% total", "step ms", "x full", "peak MB")
+COLUMNS = ("method", "transform", "test acc", "trainable", "% total", "step ms", "x full", "peak MB")
 MB = 1e6          # the table's megabytes
 
 
@@ -63,7 +63,8 @@ def _mb(n: Optional[float]) -> str:
 
 
 def table(results: dict) -> str:
-    """The results table: one row per method, then the precision, pretraining and untrained-head lines.
+    """The results table: one row per method, then the precision line and the task's notes (the base
+    model, the untrained head's accuracy).
 
     ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
     donated aliases); a ``device MB`` column (the device's high-water mark so far) is added where the
@@ -86,10 +87,7 @@ def table(results: dict) -> str:
     if prec:
         lines.append(f"precision: base weights {prec['base']}, trainables and optimizer state "
                      f"{prec['trainable']}; remat {'on' if prec['remat'] else 'off'}")
-    p = results["pretrain"]
-    lines.append(f"pretrained on digits 0-4: test acc {100 * p['acc']:.1f}% ({p['params']:,} params); "
-                 f"untrained 5-9 head: test acc {100 * results['untrained_head_acc']:.1f}% (chance 20%)")
-    return "\n".join(lines)
+    return "\n".join(lines + list(results.get("notes", [])))
 
 
 def _smooth(y: np.ndarray, k: int) -> np.ndarray:
@@ -101,7 +99,7 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
 
 
 def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
-    """Three panels: training loss (smoothed) and test accuracy vs step, and final accuracy per method."""
+    """Three panels: training loss (smoothed) and monitored accuracy vs step, final test accuracy per method."""
     names = list(results["methods"])
     palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     colors = [palette(i % palette.N) for i in range(len(names))]
@@ -113,9 +111,10 @@ def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
                   label=name)
         ax_loss.plot(h["step"], _smooth(np.asarray(h["loss"]), 10), **kw)
         ax_acc.plot(h["eval_step"], 100 * np.asarray(h["acc"]), marker=".", ms=4, **kw)
+    task, split = results.get("task", "digits 5-9"), {"val": "validation"}.get(results.get("monitor"), "test")
     ax_loss.set(yscale="log", xlabel="step", ylabel="train loss (moving avg, 10 steps)",
-                title="Training loss on digits 5-9")
-    ax_acc.set(xlabel="step", ylabel="test accuracy (%)", title="Test accuracy on digits 5-9")
+                title=f"Training loss on {task}")
+    ax_acc.set(xlabel="step", ylabel=f"{split} accuracy (%)", title=f"{split.capitalize()} accuracy on {task}")
     ax_acc.set_ylim(max(0, min(100 * min(history[n]["acc"]) for n in names) - 5), 101)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -129,11 +128,13 @@ def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
     for b, a in zip(bars, accs):
         ax_bar.text(a + 0.3, b.get_y() + b.get_height() / 2, f"{a:.1f}", va="center", fontsize=8)
     ax_bar.set_xlim(max(0, min(accs) - 10), 103)
-    ax_bar.set(xlabel="final test accuracy (%)",
-               title=f"Final accuracy (% params trained); untrained head: {100 * results['untrained_head_acc']:.0f}%")
+    ax_bar.set(xlabel="final test accuracy (%)", title=f"Test accuracy (% params trained); untrained head: "
+               f"{100 * results['untrained_head_acc']:.0f}% ({split})")
     ax_bar.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"MLP pretrained on digits 0-4 (test acc {100 * results['pretrain']['acc']:.1f}%), "
-                 f"adapted to digits 5-9", fontsize=12)
+    pre = results.get("pretrain")
+    fig.suptitle(f"MLP pretrained on digits 0-4 (test acc {100 * pre['acc']:.1f}%), adapted to digits 5-9" if pre
+                 else f"all-MiniLM-L6-v2 fine-tuned on {task}: {results['config']['adapt_steps']} steps per method",
+                 fontsize=12)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

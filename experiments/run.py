@@ -87,7 +87,7 @@ from reparam.plan import path_str
 from tqdm.auto import tqdm
 
 from experiments import methods as M
-from experiments import report
+from experiments import report, tasks
 from experiments.data import digits
 from experiments.models import MLP
 
@@ -101,17 +101,9 @@ PHASE_FILES = ("result.json", "trainable.safetensors")    # in output_dir/<phase
 
 
 def make_fns(model) -> tuple[Callable, Callable]:
-    """``loss_fn(params, batch, rng=None) -> (loss, {"acc"})`` and ``metrics_fn(params, batch) -> {loss, acc}``."""
-    def metrics_fn(params, batch):
-        x, y = batch
-        logits = model.apply({"params": params}, x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return {"loss": loss, "acc": jnp.mean(jnp.argmax(logits, -1) == y)}
-
-    def loss_fn(params, batch, rng=None):
-        m = metrics_fn(params, batch)
-        return m["loss"], {"acc": m["acc"]}
-    return loss_fn, metrics_fn
+    """``loss_fn(params, batch, rng=None) -> (loss, {"acc"})`` and ``metrics_fn(params, batch) -> {loss, acc}``
+    for ``(x, y)`` batches of ``model``."""
+    return tasks.classifier_fns(lambda p, b: model.apply({"params": p}, b[0]))
 
 
 def optimizer(config: ml_collections.ConfigDict, lr: float) -> optax.GradientTransformation:
@@ -152,11 +144,12 @@ def history() -> dict[str, list]:
 
 
 def resume_phase(mgr, state: rp.train.TrainState, name: str, steps: int, config: ml_collections.ConfigDict,
-                 log_path: str) -> tuple[rp.train.TrainState, int, dict]:
+                 log_path: str, split: str = "test") -> tuple[rp.train.TrainState, int, dict]:
     """``(state, start step, history)`` of phase ``name`` resumed from its latest checkpoint in ``mgr``.
 
     ``state`` itself and step 0 when there is none (or ``mgr`` is ``None``). Drops the phase's records
-    after the start step from ``log_path``; those up to it are the history (without step times).
+    after the start step from ``log_path``; those up to it are the history (without step times; the
+    accuracies are the records' ``<split>_acc``).
     Raises ``rp.checkpoint``'s ReparamError if the checkpoint was written under another config.
     """
     start = 0
@@ -169,19 +162,22 @@ def resume_phase(mgr, state: rp.train.TrainState, name: str, steps: int, config:
         if r.get("method") == name:
             h["step"].append(r["step"])
             h["loss"].append(r["loss"])
-            if "test_acc" in r:
+            if f"{split}_acc" in r:
                 h["eval_step"].append(r["step"])
-                h["acc"].append(r["test_acc"])
+                h["acc"].append(r[f"{split}_acc"])
     return state, start, h
 
 
 def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metrics_fn: Callable,
           batches: Union[Iterator, Callable[[int], Iterator]], test, config: ml_collections.ConfigDict, steps: int,
-          lr: float, log_path: str) -> tuple[Any, dict]:
+          lr: float, log_path: str, split: str = "test") -> tuple[Any, dict]:
     """``steps`` adamw steps on ``trainable``; returns it and a history (per-step loss, evals, step times, memory).
 
     ``batches`` is an iterator over the batches of steps 1, 2, ..., or a function ``start -> iterator`` over
-    those from step ``start + 1`` on. Each step's record is appended to ``log_path`` as the step ends. With
+    those from step ``start + 1`` on. Every ``config.eval_every`` steps and at the last, ``test`` is
+    evaluated: a batch for ``metrics_fn`` (the whole test set), or a function ``effective params ->
+    {"loss", "acc"}`` (given ``plan.apply(frozen, trainable)``); the record gets ``<split>_loss`` and
+    ``<split>_acc``. Each step's record is appended to ``log_path`` as the step ends. With
     ``config.checkpoint_every`` > 0, the state is saved under ``checkpoint_dir(config, name)`` every that
     many steps and at the last; with ``config.resume``, the phase first resumes from the latest checkpoint
     there (:func:`resume_phase`). ``history["memory"]`` holds the step's ``peak_bytes`` (XLA's estimate)
@@ -190,13 +186,17 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
     opt = optimizer(config, lr)
     state = rp.train.init_state(trainable, opt, jax.random.key(config.seed))
     step = rp.train.make_train_step(plan, loss_fn, opt, remat=bool(config.get("remat", False)))
-    evaluate = rp.train.make_eval_step(plan, metrics_fn)
-    test = jax.device_put(test)
+    if callable(test):
+        apply = jax.jit(plan.apply)
+        evaluate = lambda trainable, frozen, _: test(apply(frozen, trainable))
+    else:
+        evaluate, test = rp.train.make_eval_step(plan, metrics_fn), jax.device_put(test)
     every = checkpoint_every(config)
     mgr = rp.checkpoint.manager(checkpoint_dir(config, name), max_to_keep=config.get("keep_checkpoints", 3)) \
         if every else None
     try:
-        state, start, h = resume_phase(mgr, state, name, steps, config, log_path) if config.get("resume", False) \
+        state, start, h = resume_phase(mgr, state, name, steps, config, log_path, split) \
+            if config.get("resume", False) \
             else (state, 0, history())
         it = batches(start) if callable(batches) else itertools.islice(batches, start, None)
         first = jax.device_put(next(it))
@@ -215,10 +215,10 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
                 rec["penalty"] = float(m["penalty"])
             if i % config.eval_every == 0 or i == steps:
                 ev = jax.device_get(evaluate(state.trainable, frozen, test))
-                rec.update(test_loss=float(ev["loss"]), test_acc=float(ev["acc"]))
+                rec.update({f"{split}_loss": float(ev["loss"]), f"{split}_acc": float(ev["acc"])})
                 h["eval_step"].append(i)
-                h["acc"].append(rec["test_acc"])
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['test_acc']:.3f}")
+                h["acc"].append(rec[f"{split}_acc"])
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec[f'{split}_acc']:.3f}")
             h["step"].append(i)
             h["loss"].append(rec["loss"])
             report.append_jsonl(log_path, [rec])        # before the checkpoint: a restored step has its record
@@ -323,32 +323,36 @@ def pretrain(config, model, source, loss_fn, metrics_fn, log_path) -> tuple[dict
     return plan.merge(frozen, trainable), pre
 
 
-def adapt(name: str, config, model, params, target, loss_fn, metrics_fn, log_path, *, show_summary: bool):
-    """Adapts ``params`` (fresh head) to the target task with method ``name``; returns (result, history).
+def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
+    """Adapts ``task.params`` (fresh head) to the task with method ``name``; returns (result, history).
 
     Writes ``output_dir/<name>/trainable.safetensors`` and ``result.json``; with ``config.resume``, a
-    method that wrote them before is not run again and they are returned.
+    method that wrote them before is not run again and they are returned. The result's ``acc`` is the
+    test accuracy at the end (``task.test``); ``monitor_acc`` the last monitored one.
     """
     done = finished(config, name)
     if done is not None:
         print(f"[{name}] finished before: result from {config.output_dir}/{name}/result.json", flush=True)
         return done["result"], done["history"]
+    params = task.params
     plan = rp.plan(M.METHODS[name](config), params)
-    calib_batches = digits.batches(*target["train"], config.batch_size, config.seed + 1)
-    calib = M.calibrate(name, plan, config, model=model, params=params,
+    calib_batches = task.batches(config.seed + 1, 0)
+    calib = M.calibrate(name, plan, config, model=task.model, params=params,
                         batches=[next(calib_batches) for _ in range(config.calib_batches)],
-                        loss_fn=lambda p, b: loss_fn(p, b)[0])
+                        loss_fn=lambda p, b: task.loss_fn(p, b)[0], inputs=task.inputs)
     frozen, trainable = plan.init(jax.random.key(config.seed), params, calib)
     if show_summary:
         print(f"\n[{name}] plan.summary():\n{plan.summary(trainable)}\n", flush=True)
     n_train = sum(plan.trainable_counts(trainable))
     n_total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     dtypes = _dtypes(trainable)
-    batches = lambda start: digits.batches(*target["train"], config.batch_size, config.seed, start)
-    trained, h = train(name, plan, frozen, trainable, loss_fn, metrics_fn, batches, target["test"], config,
-                       config.adapt_steps, config.adapt_lr, log_path)
-    transform = next((t.name for regex, t in plan.rules if regex == M.HIDDEN), plan.rules[0][1].name)
-    result = {"transform": transform, "acc": h["acc"][-1], "trainable": n_train,
+    batches = lambda start: task.batches(config.seed, start)
+    trained, h = train(name, plan, frozen, trainable, task.loss_fn, task.metrics_fn, batches, task.monitor, config,
+                       config.adapt_steps, M.learning_rate(config, name), log_path, task.monitor_split)
+    test = jax.device_get(task.test(jax.jit(plan.apply)(frozen, trained)))
+    transform = next((t.name for regex, t in plan.rules if regex == M.adapted(config)), plan.rules[0][1].name)
+    result = {"transform": transform, "acc": float(test["acc"]), "test_loss": float(test["loss"]),
+              "monitor_acc": h["acc"][-1], "lr": M.learning_rate(config, name), "trainable": n_train,
               "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup),
               **h["memory"], "trainable_dtype": dtypes}
     write_phase(config, name, result, h, trained)
@@ -365,6 +369,18 @@ def base_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise rp.ReparamError(f"config.base_dtype={name!r} is not a floating dtype; use 'float32' or 'bfloat16'.")
     return dtype
+
+
+def digits_task(config: ml_collections.ConfigDict, dtype, log_path: str) -> tuple[tasks.Task, dict]:
+    """Pretrains the MLP on digits 0-4 (phase ``pretrain``); the task: digits 5-9 with a fresh 5-way head."""
+    source, target = digits.tasks(digits.load(config.data_seed, config.test_fraction))
+    model = MLP(hidden=tuple(config.hidden), n_classes=5)
+    loss_fn, metrics_fn = make_fns(model)
+    pretrained, pre = pretrain(config, model, source, loss_fn, metrics_fn, log_path)
+    head = model.init(jax.random.key(config.seed + 1), source["train"][0][:1])["params"]["head"]
+    params = jax.tree.map(lambda x: x.astype(dtype), {**pretrained, "head": head})      # fresh head, base dtype
+    notes = [f"pretrained on digits 0-4: test acc {100 * pre['acc']:.1f}% ({pre['params']:,} params)"]
+    return tasks.digits(model, params, target, config, notes), pre
 
 
 def start_afresh(output_dir: str, log_path: str) -> None:
@@ -393,26 +409,23 @@ def run(config: ml_collections.ConfigDict) -> dict:
         start_afresh(config.output_dir, log_path)
     elif not os.path.exists(log_path):
         open(log_path, "w").close()
-    source, target = digits.tasks(digits.load(config.data_seed, config.test_fraction))
-    model = MLP(hidden=tuple(config.hidden), n_classes=5)
-    loss_fn, metrics_fn = make_fns(model)
+    if config.get("task", "digits") == "tweets":
+        task = tasks.tweets(config, dtype)
+        pre = None
+    else:
+        task, pre = digits_task(config, dtype, log_path)
+    untrained = float(task.monitor(task.params)["acc"])
+    print(f"untrained head: {task.monitor_split} acc {untrained:.4f}; base weights {dtype.name}", flush=True)
+    notes = task.notes + [f"untrained head: {task.monitor_split} acc {100 * untrained:.1f}%"]
 
-    pretrained, pre = pretrain(config, model, source, loss_fn, metrics_fn, log_path)
-    head = model.init(jax.random.key(config.seed + 1), source["train"][0][:1])["params"]["head"]
-    params = {**pretrained, "head": head}                                   # a fresh 5-way head for 5-9
-    params = jax.tree.map(lambda x: x.astype(dtype), params)                 # the base's precision
-    untrained = float(jax.jit(metrics_fn)(params, target["test"])["acc"])
-    print(f"pretrained on digits 0-4: test acc {pre['acc']:.4f}; untrained 5-9 head: test acc {untrained:.4f}"
-          f"; base weights {dtype.name}", flush=True)
-
-    results = {"pretrain": pre, "untrained_head_acc": untrained, "methods": {}, "config": config.to_dict()}
+    results = {"task": task.name, "pretrain": pre, "untrained_head_acc": untrained, "notes": notes,
+               "monitor": task.monitor_split, "methods": {}, "config": config.to_dict()}
     history = {}
     first_adapter = next((n for n in names if n not in ("full", "head")), None)
     for name in names:
         results["methods"][name], history[name] = adapt(
-            name, config, model, params, target, loss_fn, metrics_fn, log_path,
-            show_summary=config.verbose or name == first_adapter)
-    results["precision"] = {"base": _dtypes(params), "remat": bool(config.get("remat", False)),
+            name, config, task, log_path, show_summary=config.verbose or name == first_adapter)
+    results["precision"] = {"base": _dtypes(task.params), "remat": bool(config.get("remat", False)),
                             "trainable": ",".join(sorted({d for r in results["methods"].values()
                                                           for d in r["trainable_dtype"].split(",")}))}
 

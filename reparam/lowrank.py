@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
 from reparam.linalg import truncated_svd
-from reparam.structure import LowRank
+from reparam.structure import LowRank, Scaled
 
 
 def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False) -> float:
@@ -73,7 +73,8 @@ def dora(rank: int, alpha: Optional[float] = None, *, rslora: bool = False, init
 
     Trains the magnitude ``m [d_out]`` (init ``‖W0‖_col``) and LoRA's ``A``, ``B``.
     ``detach_norm`` treats ``‖V‖`` as a constant in the backward pass (paper
-    §4.3; what PEFT does).
+    §4.3; what PEFT does). Structure: ``Scaled(LowRank(s·A, B), m / ‖V‖)``, so the
+    train step never forms the full ``xᵀg`` (only ``‖V‖`` needs ``V``: ``d_in·d_out·r``).
     """
     s = lora_scale(rank, alpha, rslora)
     lora_init = _lora_init(rank, init, "dora")
@@ -82,14 +83,18 @@ def dora(rank: int, alpha: Optional[float] = None, *, rslora: bool = False, init
         f, t = lora_init(key, w)
         return f, {**t, "m": col_norm(w)}
 
+    def scale(frozen, trainable):
+        n = col_norm(frozen["base"] + lowrank_delta(frozen, trainable, s))
+        return trainable["m"] / (jax.lax.stop_gradient(n) if detach_norm else n)
+
     def apply(frozen, trainable):
         base = frozen["base"]
-        v = base + lowrank_delta(frozen, trainable, s)
-        n = col_norm(v)
-        n = jax.lax.stop_gradient(n) if detach_norm else n
-        return (v * (trainable["m"] / n)).astype(base.dtype)
+        return ((base + lowrank_delta(frozen, trainable, s)) * scale(frozen, trainable)).astype(base.dtype)
 
-    return Reparam(init_fn, apply, fmt_name("dora", r=rank, alpha=alpha, rslora=rslora))
+    def structure(frozen, trainable):
+        return Scaled(lowrank_structure(s)(frozen, trainable), scale(frozen, trainable))
+
+    return Reparam(init_fn, apply, fmt_name("dora", r=rank, alpha=alpha, rslora=rslora), structure=structure)
 
 
 def lora_xs(rank: int, *, basis: str = "weight", lr: float = 1e-3) -> Reparam:

@@ -15,6 +15,8 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    Kronecker ΔW = Σ A_k⊗B_k:  the vec trick on x, g [N, a·b]
                    sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (k entries; with the
                    materialised forward, from one xᵀg GEMM, which XLA:CPU runs faster than the gathers)
+              scaled W = (W0 + inner)·diag(c) (DoRA): with z = x @ (W0 + inner),
+                   dc = Σ_n g ∘ z, and the inner structure's gradient at g·c
 
 The cheaper forward is chosen per call from the shapes and the tokens ``N``
 (:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
@@ -40,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import views
-from reparam.structure import Kron, Sparse, Sum, dense, matvec, prefer_factored
+from reparam.structure import Kron, Scaled, Sparse, Sum, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -85,14 +87,39 @@ def _structure_grad(s, x, g, dw):
     return pull(g)[0]
 
 
+def _lazy_dw(x, g):
+    """``() -> xᵀg``, computed on the first call only (shared by the sparse / Kronecker parts of a sum)."""
+    cache = []
+    return lambda: cache[0] if cache else cache.append(x.T @ g) or cache[0]
+
+
 def _materialised_bwd(res, g):
     x, w, s = res
-    cache = []
-    dw = lambda: cache[0] if cache else cache.append(x.T @ g) or cache[0]
-    return g @ w.T, None, _structure_grad(s, x, g, dw)
+    return g @ w.T, None, _structure_grad(s, x, g, _lazy_dw(x, g))
 
 
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)
+
+
+@jax.custom_vjp
+def _materialised_scaled(x, base, s: Scaled):
+    return (x @ _weight(base, s.inner, x.dtype)) * s.c.astype(x.dtype)
+
+
+def _scaled_fwd(x, base, s: Scaled):
+    v = _weight(base, s.inner, x.dtype)
+    z = x @ v
+    return z * s.c.astype(x.dtype), (x, v, z, s)
+
+
+def _scaled_bwd(res, g):
+    x, v, z, s = res
+    gz = g * s.c.astype(g.dtype)                    # the cotangent of z = x @ (W0 + inner)
+    dc = jnp.sum(g * z, axis=0).astype(s.c.dtype)
+    return gz @ v.T, None, s.replace(inner=_structure_grad(s.inner, x, gz, _lazy_dw(x, gz)), c=dc)
+
+
+_materialised_scaled.defvjp(_scaled_fwd, _scaled_bwd)
 
 
 def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = None) -> Array:
@@ -104,6 +131,10 @@ def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = No
     """
     if factored is None:
         factored = prefer_factored(s, base.shape, x.shape[0])
+    if isinstance(s, Scaled):
+        if factored:
+            return structured_matmul(x, base, s.inner, factored=True) * s.c.astype(x.dtype)
+        return _materialised_scaled(x, jax.lax.stop_gradient(base), s)
     if factored:
         # plain autodiff of the factored form is already rank-r / vec-trick / support-only
         return x @ jax.lax.stop_gradient(base).astype(x.dtype) + matvec(s, x)

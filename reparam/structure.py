@@ -8,8 +8,11 @@ that ``x @ ΔW`` and the gradient of its arrays can be computed without forming
     Kron(a, b)           ΔW = Σ_k a[k] ⊗ b[k]           KronA, LoKr, Compacter, SoKA
     Sparse(idx, values)  ΔW.flat[idx] = values          SLTrain, SaRA, SPT, LT-SFT, S²FT
     Sum(parts)           ΔW = Σ_p parts[p]              rp.add
+    Scaled(inner, c)     W = (W0 + inner)·diag(c)       DoRA (c = m / ‖W0 + s·AB‖_col)
 
-Each has :func:`dense` (the matrix), :func:`matvec` (``x @ ΔW``) and :func:`costs`.
+Each has :func:`dense` (the matrix), :func:`matvec` (``x @ ΔW``) and :func:`costs`. ``Scaled`` is not
+additive (its ``ΔW = W0·diag(c - 1) + inner·diag(c)`` involves the base): :mod:`reparam.matmul` computes
+``(x @ W0 + matvec(inner, x)) · c`` with it, and ``dense`` / ``matvec`` refuse it.
 """
 from __future__ import annotations
 
@@ -50,6 +53,18 @@ class Sum:
     parts: tuple
 
 
+@struct.dataclass
+class Scaled:
+    """``W = (W0 + inner) · diag(c)``: an additive structure ``inner`` and a scale ``c [d_out]`` per output."""
+    inner: object
+    c: Array
+
+
+def _needs_base(s):
+    return TypeError(f"{type(s).__name__} (W = (W0 + inner)·diag(c)) is not additive: use reparam.matmul, "
+                     "which has the base")
+
+
 def dense(s, shape: tuple[int, int]) -> Array:
     """The ``[d_in, d_out]`` matrix ``ΔW`` of a structure."""
     if isinstance(s, LowRank):
@@ -62,6 +77,8 @@ def dense(s, shape: tuple[int, int]) -> Array:
         return flat.at[s.idx].set(s.values, indices_are_sorted=True, unique_indices=True).reshape(shape)
     if isinstance(s, Sum):
         return sum(dense(p, shape) for p in s.parts)
+    if isinstance(s, Scaled):
+        raise _needs_base(s)
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
 
 
@@ -80,6 +97,8 @@ def matvec(s, x: Array) -> Array:
         return jax.ops.segment_sum(contrib.T, cols, num_segments=s.d_out, indices_are_sorted=False).T
     if isinstance(s, Sum):
         return sum(matvec(p, x) for p in s.parts)
+    if isinstance(s, Scaled):
+        raise _needs_base(s)
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
 
 
@@ -97,6 +116,9 @@ def costs(s, shape: tuple[int, int]) -> tuple[int, int]:
     if isinstance(s, Sum):
         parts = [costs(p, shape) for p in s.parts]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(s, Scaled):           # the scale: d_out per token, or d_in·d_out once
+        per_token, form = costs(s.inner, shape)
+        return per_token + d_out, form + d_in * d_out
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
 
 

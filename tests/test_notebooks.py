@@ -2,9 +2,11 @@
 
 Each notebook runs in a fresh temporary working directory, so what it writes (PEFT adapters, checkpoints)
 never lands in the repository; the repository root is put on the kernel's PYTHONPATH so ``import reparam``
-finds this checkout. A cell that raises fails the test with the cell's source and traceback. For the
-quickstart, the key outputs are checked too: the plan summary's matmul column, the decreasing loss and its
-plot, merge == apply, the exported PEFT files and the restored checkpoint.
+finds this checkout. A cell that raises fails the test with the cell's source and traceback. The key
+outputs are checked too. Quickstart: the plan summary's matmul column, the decreasing loss and its plot,
+merge == apply, the exported PEFT files and the restored checkpoint. finetune_minilm (its kernel sees 2 CPU
+devices, ``--xla_force_host_platform_device_count=2``, so its data-parallel mesh really splits the batches):
+the mesh line, the gain in validation accuracy, the loss plot, the exported adapter and its parity in PyTorch.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from nbclient.exceptions import CellExecutionError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 CELL_TIMEOUT_S = 300
+XLA_FLAGS = {"finetune_minilm.ipynb": "--xla_force_host_platform_device_count=2"}   # per notebook, added
 
 
 def _execute(path: str, cwd: str):
@@ -27,6 +30,9 @@ def _execute(path: str, cwd: str):
     nb = nbformat.read(path, as_version=4)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    flags = XLA_FLAGS.get(os.path.basename(path))
+    if flags:
+        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flags]))
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": cwd}})
     try:
@@ -48,8 +54,15 @@ def _text(nb) -> str:
     return "\n".join(out)
 
 
+def _has_plot(nb) -> bool:
+    return any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
+
+
 def test_colab_has_notebooks():
-    assert any(p.endswith("quickstart.ipynb") for p in NOTEBOOKS), NOTEBOOKS
+    names = {os.path.basename(p) for p in NOTEBOOKS}
+    assert {"quickstart.ipynb", "finetune_minilm.ipynb"} <= names, NOTEBOOKS
+    assert set(XLA_FLAGS) <= names, XLA_FLAGS
 
 
 @pytest.mark.slow
@@ -58,9 +71,11 @@ def test_notebook_runs(path, tmp_path):
     nb = _execute(path, str(tmp_path))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
-    if os.path.basename(path) != "quickstart.ipynb":
-        return
-    text = _text(nb)
+    check = {"quickstart.ipynb": _check_quickstart, "finetune_minilm.ipynb": _check_finetune_minilm}
+    check[os.path.basename(path)](nb, _text(nb), tmp_path)
+
+
+def _check_quickstart(nb, text, tmp_path):
     # plan.summary(): the adapted kernels route through the custom VJP, the head through autodiff, and
     # after a step the forward chosen at 64 images x 8 rows = 512 tokens per call
     assert "custom-vjp" in text and "autodiff" in text, text
@@ -69,11 +84,34 @@ def test_notebook_runs(path, tmp_path):
         assert name in text, name
     first, last = map(float, re.search(r"\nloss ([\d.]+) -> ([\d.]+)", text).groups())
     assert last < 0.5 * first, (first, last)
-    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-               for o in c.get("outputs", [])), "no loss plot"
+    assert _has_plot(nb), "no loss plot"
     assert float(re.search(r"max \|merged - adapted\| logits: (\S+)", text).group(1)) < 1e-5
     assert "round trip, max difference: 0.0" in text
     assert "trainables identical: True" in text and "another config is refused" in text
     adapter = tmp_path / "quickstart_out" / "lora_adapter"
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not os.path.exists(os.path.join(ROOT, "quickstart_out"))
+
+
+def _check_finetune_minilm(nb, text, tmp_path):
+    # the CPU settings, and a data-parallel mesh over the 2 devices the kernel was given
+    assert "settings: steps=30, batch=16, seq_len=48" in text, text
+    assert "devices: 2 x cpu, mesh data:2" in text, text
+    assert "batch sharding: P('data',)" in text, text
+    assert "lora(r=8, alpha=16): 12 leaves, 73,728 trainable" in text, text
+    assert "@ 768 tok (custom-vjp" in text, text                     # traced at 16 tweets x 48 tokens
+    # 30 LoRA steps on 300 fixed validation tweets: an untrained head near chance, then well above it
+    before, after = map(float, re.search(r"validation accuracy: ([\d.]+) -> ([\d.]+)", text).groups())
+    assert before < 0.45 and after > before + 0.2 and after > 0.55, (before, after)
+    first, last = map(float, re.search(r"train loss ([\d.]+) -> ([\d.]+)", text).groups())
+    assert last < first - 0.1, (first, last)
+    assert float(re.search(r"test accuracy: ([\d.]+) on 300 tweets", text).group(1)) > 0.55, text
+    assert _has_plot(nb), "no loss plot"
+    # the LoRA adapter in PEFT's format, with torch module names, and the head beside it, in the cwd
+    out = tmp_path / "finetune_out"
+    assert sorted(os.listdir(out / "lora_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.path.getsize(out / "head.safetensors") > 384 * 3 * 4
+    assert "target_modules: 12 e.g. encoder.layer.0.attention.self.query" in text, text
+    assert "round trip, max difference: 0.0" in text, text
+    assert float(re.search(r"max \|torch PEFT - flax\| logits: (\S+)", text).group(1)) < 1e-4, text
+    assert not os.path.exists(os.path.join(ROOT, "finetune_out"))
