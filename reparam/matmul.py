@@ -11,7 +11,8 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
     backward  dx = g @ Wᵀ (or gW0ᵀ + matvecᵀ(g) when factored)
               dθ = the pullback of ``s ↦ matvec(s, x)`` at g, i.e. the gradient of the
                    structure's arrays straight from the layer's input x and output cotangent g:
-                   low rank ΔW = L@R:         dL = xᵀ(gRᵀ), dR = (xL)ᵀg          (rank-r products)
+                   low rank ΔW = L@R:         dL = xᵀ(gRᵀ), dR = (xL)ᵀg          (rank-r products; for
+                                              ranks above ~d·k/(2(d+k)), e.g. VeRA, from one xᵀg GEMM)
                    Kronecker ΔW = Σ A_k⊗B_k:  the vec trick on x, g [N, a·b]
                    sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (k entries; with the
                    materialised forward, from one xᵀg GEMM, which XLA:CPU runs faster than the gathers)
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import views
-from reparam.structure import Kron, Scaled, Sparse, Sum, dense, matvec, prefer_factored
+from reparam.structure import Kron, LowRank, Scaled, Sparse, Sum, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -68,11 +69,20 @@ def _materialised_fwd(x, base, s):
 KRON_GEMM_TOKENS = 512
 
 
+def lowrank_grad_by_gemm(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether ``dL, dR`` of ``ΔW = L @ R`` cost fewer multiply-adds from one ``dW = xᵀg`` GEMM
+    (``N·d_in·d_out``, then ``dL = dW Rᵀ``, ``dR = Lᵀ dW``: ``2·d_in·d_out·r``) than from rank-r
+    products (``xᵀ(gRᵀ)``, ``(xL)ᵀg``: ``2·N·r·(d_in + d_out)``): for ranks above about
+    ``d_in·d_out / (2 (d_in + d_out))`` -- VeRA's r=256 on a 384² kernel, not LoRA's r=8."""
+    return tokens * d_in * d_out + 2 * d_in * d_out * rank < 2 * tokens * rank * (d_in + d_out)
+
+
 def _structure_grad(s, x, g, dw):
     """The cotangent of structure ``s`` from the layer's input ``x`` and output cotangent ``g``.
 
-    Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick; Kronecker from
-    ``KRON_GEMM_TOKENS`` tokens: the pullback of ``dense`` at ``dW``). Sparse:
+    Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick), or of
+    ``dense`` at ``dW`` where that is cheaper (low rank: :func:`lowrank_grad_by_gemm`; Kronecker: from
+    ``KRON_GEMM_TOKENS`` tokens). Sparse:
     ``dW[idx]`` from one dense ``dW = xᵀg`` (``dw()``, shared by all sparse parts): on CPU one GEMM
     is faster than gathering ``N·k`` products for any support above a few tokens (benchmarks/hot_path.py).
     """
@@ -80,7 +90,8 @@ def _structure_grad(s, x, g, dw):
         return Sum(tuple(_structure_grad(p, x, g, dw) for p in s.parts))
     if isinstance(s, Sparse):
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
-    if isinstance(s, Kron) and x.shape[0] >= KRON_GEMM_TOKENS:
+    if (isinstance(s, Kron) and x.shape[0] >= KRON_GEMM_TOKENS) or \
+            (isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], x.shape[0], x.shape[1], g.shape[1])):
         _, pull = jax.vjp(lambda s_: dense(s_, (x.shape[1], g.shape[1])), s)
         return pull(dw())[0]
     _, pull = jax.vjp(lambda s_: matvec(s_, x), s)

@@ -43,16 +43,26 @@ def test_matvec_equals_dense(hi, ho, n, seed):
         assert per_token > 0 and form > 0
 
 
-@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum"])
+def _weight(base, s):
+    """The effective weight, plainly: ``base + ΔW``, or ``(base + inner) · c`` for ``Scaled`` (DoRA)."""
+    if isinstance(s, S.Scaled):
+        return (base + S.dense(s.inner, base.shape)) * s.c
+    return base + S.dense(s, base.shape)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled"])
 @pytest.mark.parametrize("factored", [True, False])
 def test_structured_matmul_matches_autodiff(kind, factored):
     """Outputs and gradients (w.r.t. x and every structure array) equal plain autodiff."""
     d_in, d_out, n = 8, 12, 5
-    s = _structures(jax.random.key(0), d_in, d_out)[kind]
+    structures = _structures(jax.random.key(0), d_in, d_out)
+    # DoRA's kind: a scale per output column around an inner sum (low rank + sparse: both gradient paths)
+    c = 1.0 + 0.3 * jax.random.normal(jax.random.key(4), (d_out,))
+    s = S.Scaled(structures["sum"], c) if kind == "scaled" else structures[kind]
     base = jax.random.normal(jax.random.key(1), (d_in, d_out))
     x = jax.random.normal(jax.random.key(2), (n, d_in))
     g = jax.random.normal(jax.random.key(3), (n, d_out))
-    ref = lambda x, s: x @ (base + S.dense(s, base.shape))
+    ref = lambda x, s: x @ _weight(base, s)
     got = lambda x, s: mm.structured_matmul(x, base, s, factored=factored)
     np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
     gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
@@ -60,6 +70,29 @@ def test_structured_matmul_matches_autodiff(kind, factored):
     for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_high_rank_gradient_from_one_gemm_matches_autodiff():
+    """Rank 7 of a 6 x 8 weight at 200 tokens: dL, dR come from dW = xᵀg (cheaper), still exact."""
+    k = jax.random.split(jax.random.key(0), 5)
+    d_in, d_out, r, n = 6, 8, 7, 200
+    assert mm.lowrank_grad_by_gemm(r, n, d_in, d_out) and not mm.lowrank_grad_by_gemm(8, 2048, 384, 384)
+    assert mm.lowrank_grad_by_gemm(256, 2048, 384, 384)                        # VeRA r=256 on MiniLM
+    s = S.LowRank(jax.random.normal(k[0], (d_in, r)), jax.random.normal(k[1], (r, d_out)))
+    base, x = jax.random.normal(k[2], (d_in, d_out)), jax.random.normal(k[3], (n, d_in))
+    g = jax.random.normal(k[4], (n, d_out))
+    ref = lambda x, s: jnp.sum((x @ (base + s.l @ s.r)) * g)
+    got = lambda x, s: jnp.sum(mm.structured_matmul(x, base, s, factored=False) * g)
+    for a, b in zip(jax.tree.leaves(jax.grad(ref, (0, 1))(x, s)), jax.tree.leaves(jax.grad(got, (0, 1))(x, s))):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-3)
+
+
+def test_scaled_is_not_additive():
+    s = S.Scaled(S.LowRank(jnp.ones((4, 1)), jnp.ones((1, 6))), jnp.ones(6))
+    for f in (lambda: S.dense(s, (4, 6)), lambda: S.matvec(s, jnp.ones((2, 4)))):
+        with pytest.raises(TypeError, match="not additive"):
+            f()
+    assert S.costs(s, (4, 6)) == (1 * (4 + 6) + 6, 4 * 6 * 1 + 4 * 6)
 
 
 def test_crossover():
@@ -115,7 +148,7 @@ def test_structured_methods_cover_every_structured_family():
 
 # one method per structure kind (and the shared, stochastic and summed cases) runs every forward;
 # the others run the custom-VJP (materialised) forward, the one plain autodiff does not share
-EVERY_MODE = {"lora", "vera", "lokr", "compacter", "sparse_random_k", "dylora", "lora+pissa"}
+EVERY_MODE = {"lora", "vera", "lokr", "compacter", "sparse_random_k", "dylora", "lora+pissa", "dora"}
 
 
 @pytest.mark.parametrize("name", sorted(set(STRUCTURED) - VARIANTS))
