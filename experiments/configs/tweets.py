@@ -15,8 +15,10 @@ and its learning rate (``method_lr``; ``adapt_lr`` for a method not listed): com
 1e-4; low-rank and Kronecker adapters 1e-3; few-parameter ones 3e-3 to 1e-2). The test split is used only
 for each method's final accuracy; the curves are on the validation sample.
 
-The default (``DEFAULT_METHODS``) runs in about 8 minutes on 2 idle CPU cores; ``--config.methods=all`` runs
-every method of ``experiments.methods.METHODS`` (about 45 minutes).
+``--config.methods=all`` runs every method of ``experiments.methods.METHODS``. Timing: each method is 60
+train steps plus one pass over the 3,724 test tweets; so far this was timed only on a shared machine at
+load 6-8 on 2 cores (full fine-tuning 378 s, LoRA 534 s, of which the test evaluation 161 / 208 s), not
+on idle cores; whether the default fits 10 minutes there is still to be measured.
 """
 import ml_collections
 
