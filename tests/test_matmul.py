@@ -16,17 +16,19 @@ from hypothesis import given, settings, strategies as st
 import reparam as rp
 from reparam import matmul as mm
 from reparam import structure as S
-from tests.methods import METHODS, calib_for, perturb
+from tests.methods import METHODS, calib_for, normal, perturb
 
 
-def _structures(key, d_in, d_out):
-    """One structure of every kind (and a sum) for a d_in x d_out weight (d_in, d_out even)."""
-    k = jax.random.split(key, 6)
-    lr = S.LowRank(jax.random.normal(k[0], (d_in, 3)), jax.random.normal(k[1], (3, d_out)))
-    kr = S.Kron(jax.random.normal(k[2], (2, 2, 2)), jax.random.normal(k[3], (2, d_in // 2, d_out // 2)))
+def _structures(seed, d_in, d_out):
+    """One structure of every kind (and a sum) for a d_in x d_out weight (d_in, d_out even). numpy draws
+    the arrays: jax.random would compile once per shape, most of a hypothesis example's time."""
+    g = np.random.default_rng(seed)
+    draw = lambda *shape: jnp.asarray(g.standard_normal(shape).astype(np.float32))
+    lr = S.LowRank(draw(d_in, 3), draw(3, d_out))
+    kr = S.Kron(draw(2, 2, 2), draw(2, d_in // 2, d_out // 2))
     n = d_in * d_out
-    idx = jnp.sort(jax.random.choice(k[4], n, (max(1, n // 5),), replace=False)).astype(jnp.int32)
-    sp = S.Sparse(idx, jax.random.normal(k[5], idx.shape), d_out)
+    idx = jnp.asarray(np.sort(g.choice(n, max(1, n // 5), replace=False)).astype(np.int32))
+    sp = S.Sparse(idx, draw(*idx.shape), d_out)
     return {"lowrank": lr, "kron": kr, "sparse": sp, "sum": S.Sum((lr, sp))}
 
 
@@ -35,8 +37,8 @@ def _structures(key, d_in, d_out):
 def test_matvec_equals_dense(hi, ho, n, seed):
     """x @ dense(s) == matvec(s, x) for every structure and shape."""
     d_in, d_out = 2 * hi, 2 * ho
-    x = jax.random.normal(jax.random.key(seed), (n, d_in))
-    for name, s in _structures(jax.random.key(seed + 1), d_in, d_out).items():
+    x = jnp.asarray(normal(seed, (n, d_in)))
+    for name, s in _structures(seed + 1, d_in, d_out).items():
         np.testing.assert_allclose(S.matvec(s, x), x @ S.dense(s, (d_in, d_out)), atol=1e-4, rtol=1e-4,
                                    err_msg=name)
         per_token, form = S.costs(s, (d_in, d_out))
@@ -55,7 +57,7 @@ def _weight(base, s):
 def test_structured_matmul_matches_autodiff(kind, factored):
     """Outputs and gradients (w.r.t. x and every structure array) equal plain autodiff."""
     d_in, d_out, n = 8, 12, 5
-    structures = _structures(jax.random.key(0), d_in, d_out)
+    structures = _structures(0, d_in, d_out)
     # DoRA's kind: a scale per output column around an inner sum (low rank + sparse: both gradient paths)
     c = 1.0 + 0.3 * jax.random.normal(jax.random.key(4), (d_out,))
     s = S.Scaled(structures["sum"], c) if kind == "scaled" else structures[kind]
@@ -236,7 +238,7 @@ def test_unrecognised_call_is_still_correct():
 
 def test_summary_shows_the_route():
     params, loss_fn, batch = _model()
-    plan = rp.plan([(r"up/kernel", rp.lora(2)), (r"query/kernel", rp.dora(2))], params)
+    plan = rp.plan([(r"up/kernel", rp.lora(2)), (r"query/kernel", rp.full())], params)    # full: no structure
     frozen, trainable = plan.init(jax.random.key(0), params)
     text = plan.summary()
     assert "custom-vjp, factored < " in text and "autodiff" in text
@@ -255,7 +257,7 @@ def test_bad_mode():
 def test_kron_gradient_from_dense_dw_at_many_tokens(monkeypatch):
     """From KRON_GEMM_TOKENS tokens the Kronecker factors' gradient comes from one xᵀg: same values."""
     monkeypatch.setattr(mm, "KRON_GEMM_TOKENS", 1)
-    s = _structures(jax.random.key(0), 8, 12)["kron"]
+    s = _structures(0, 8, 12)["kron"]
     base = jax.random.normal(jax.random.key(1), (8, 12))
     x, g = jax.random.normal(jax.random.key(2), (5, 8)), jax.random.normal(jax.random.key(3), (5, 12))
     ref = jax.grad(lambda s: jnp.sum(x @ (base + S.dense(s, base.shape)) * g))(s)
