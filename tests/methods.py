@@ -39,13 +39,25 @@ METHODS = {
 }
 
 
+def rng(key) -> np.random.Generator:
+    """A numpy generator seeded by ``key`` (an int or a JAX key): test data of a new shape without a compile
+    (``jax.random.normal`` compiles one XLA program per shape, most of a hypothesis example's time)."""
+    return np.random.default_rng(key if isinstance(key, (int, np.integer)) else
+                                 np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def normal(key, shape, scale=1.0) -> np.ndarray:
+    """``scale ×`` a standard-normal float32 array drawn by numpy from ``key`` (see :func:`rng`)."""
+    return (scale * rng(key).standard_normal(shape)).astype(np.float32)
+
+
 def _cov(key, w):
     d_in = w.shape[0]
-    x = jax.random.normal(key, (4 * d_in + 8, d_in)) * jnp.linspace(0.2, 2.0, d_in)
-    return x.T @ x / x.shape[0]
+    x = normal(key, (4 * d_in + 8, d_in)) * np.linspace(0.2, 2.0, d_in, dtype=np.float32)
+    return jnp.asarray(x.T @ x / x.shape[0])
 
 
-CALIB = {"cov": _cov, "grad": lambda key, w: jax.random.normal(key, w.shape)}
+CALIB = {"cov": _cov, "grad": lambda key, w: jnp.asarray(normal(key, w.shape))}
 
 for _f in sorted(pathlib.Path(__file__).parent.glob("methods_*.py")):
     _m = importlib.import_module(f"tests.{_f.stem}")
@@ -68,10 +80,12 @@ def calib_for(t: rp.Reparam, path: str, w, key) -> dict | None:
 
 
 def perturb(tree, key, scale=0.1):
-    """Random nonzero values for every float array of ``tree`` (keeps structure, dtype)."""
+    """Random nonzero values for every float array of ``tree`` (keeps structure, dtype): each array plus
+    ``scale ×`` standard-normal noise, drawn by numpy (see :func:`normal`)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    g = rng(key)
+    return treedef.unflatten([jnp.asarray((np.asarray(x, np.float64) + scale * g.standard_normal(np.shape(x)))
+                                          .astype(x.dtype)) for x in leaves])
 
 
 def rel_err(a, b) -> float:
