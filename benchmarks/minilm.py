@@ -306,6 +306,24 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def _tag(args) -> str:
+    return "minilm_quick" if args.quick else "minilm"
+
+
+def write(rows, args):
+    """``<tag>.json`` (every row), ``<tag>.md`` (the table) and ``<tag>.png`` (the bar chart) in ``args.out``."""
+    tag = _tag(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+                   "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
+                f"{args.warmup} warm-up; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
+                f"{markdown(rows)}\n")
+    plot(rows, os.path.join(args.out, f"{tag}.png"))
+
+
 def main():
     from benchmarks import peft_minilm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -350,18 +368,9 @@ def main():
                 print(f"{spec:>14} {side:>7}: {r['step_ms']:8.1f} ms  {r['tokens_per_s']:6.0f} tok/s  init "
                       f"{r['init_s']:.3f}/{r['init_warm_s']:.3f} s  adapter {_bytes(r['adapter_bytes']):>9}  "
                       f"peak RSS {_f(r['rss_peak_mb'], '.0f')} MB  ({r['wall_s']:.0f} s)", flush=True)
-    md = markdown(rows)
-    print("\n" + md)
-    tag = "minilm_quick" if args.quick else "minilm"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-                   "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
-                f"{args.warmup} warm-up; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n{md}\n")
-    plot(rows, os.path.join(args.out, f"{tag}.png"))
-    print(f"\nwrote {tag}.json, {tag}.md, {tag}.png to {args.out}")
+        write(rows, args)                                   # after every method: a killed sweep keeps its rows
+    print("\n" + markdown(rows))
+    print(f"\nwrote {_tag(args)}.json, .md, .png to {args.out}")
     if any("error" in r for r in rows):
         raise SystemExit(1)
 

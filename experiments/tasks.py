@@ -16,7 +16,7 @@ Tweets: sentiment (negative / neutral / positive) of the 37,243 distinct tweets 
 split 29,795 / 3,724 / 3,724 (:mod:`experiments.data.tweets`), tokenized to ``config.seq_len`` tokens.
 The model is all-MiniLM-L6-v2 (:mod:`experiments.models.bert`) with ``logits = head(mean_pool(encoder))``.
 Evaluation sorts a split by length and runs it in chunks of ``config.eval_chunk`` sequences, each cut to
-its longest sequence rounded up to 16 tokens (padding is masked, so the logits do not change; a few chunk
+its longest sequence rounded up to 8 tokens (padding is masked, so the logits do not change; a few chunk
 shapes compile once per run, shared by every method); the last chunk is padded with rows of weight 0.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def digits(model: nn.Module, params: PyTree, target: dict, config: ml_collection
 
 # --- tweets ----------------------------------------------------------------------------------------------------
 
-def length_chunks(split: dict, size: int, multiple: int = 16) -> Iterator[dict]:
+def length_chunks(split: dict, size: int, multiple: int = 8) -> Iterator[dict]:
     """``split`` in chunks of ``size`` rows sorted by length, each cut to its longest row rounded up to
     ``multiple`` tokens, with a ``weight`` (1; 0 for the rows that pad the last chunk to ``size``)."""
     n, seq = split["input_ids"].shape

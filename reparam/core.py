@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from reparam.structure import Sum, dense
+from reparam.structure import InBasis, Sum, dense
 
 Array = jax.Array
 PyTree = Any
@@ -190,10 +190,17 @@ class Basis(NamedTuple):
     Coefficients have the weight's shape (periodized wavelets, orthonormal DCT,
     DFT); ``inverse`` returns real arrays and ``inverse(forward(W)) == W``.
     Orthogonal bases also preserve norms (Parseval).
+
+    ``along``, for a separable basis, is ``(t, t_adj)``: its 1-D transform of the last axis of an
+    array of rows, ``t(v) = v @ T`` and ``t_adj(v) = v @ Tᵀ`` for a ``d x d`` matrix ``T`` (maybe
+    complex) of that axis's length, such that ``inverse(C) = Re(T_in C T_outᵀ)``. With it the train
+    step takes the coefficients' gradient from the transformed layer input and output cotangent
+    (:class:`reparam.structure.InBasis`) instead of the full weight gradient ``xᵀg``.
     """
     forward: Callable[[Array], Array]
     inverse: Callable[[Array], Array]
     name: str
+    along: Optional[tuple[Callable[[Array], Array], Callable[[Array], Array]]] = None
 
 
 def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
@@ -225,6 +232,12 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
         dc = inner.delta({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
         return scale * basis.inverse(dc)
 
+    structure = None
+    if basis.along is not None and inner.structure is not None:
+        def structure(frozen, trainable, **kw):
+            s = inner.structure({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
+            return InBasis(s, scale, basis.along)
+
     return additive(f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})",
-                    init, delta, penalty=None, stochastic=inner.stochastic, calib=inner.calib,
-                    shared=inner.shared)
+                    init, delta, structure=structure, penalty=None, stochastic=inner.stochastic,
+                    calib=inner.calib, shared=inner.shared)

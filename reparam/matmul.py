@@ -18,6 +18,9 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    materialised forward, from one xᵀg GEMM, which XLA:CPU runs faster than the gathers)
               scaled W = (W0 + inner)·diag(c) (DoRA): with z = x @ (W0 + inner),
                    dc = Σ_n g ∘ z, and the inner structure's gradient at g·c
+              in a separable basis ΔW = s·Re(T_in C T_outᵀ) (FourierFT, WaveFT, WaRA): the inner
+                   structure's gradient at the transformed rows t(x), s·t(g) (an FFT / one DWT level
+                   per row); a sparse C reads s·Re(T_inᵀ (xᵀg) T_out) at its support
 
 The cheaper forward is chosen per call from the shapes and the tokens ``N``
 (:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
@@ -43,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import views
-from reparam.structure import Kron, LowRank, Scaled, Sparse, Sum, dense, matvec, prefer_factored
+from reparam.structure import InBasis, Kron, LowRank, Scaled, Sparse, Sum, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -88,6 +91,8 @@ def _structure_grad(s, x, g, dw):
     """
     if isinstance(s, Sum):
         return Sum(tuple(_structure_grad(p, x, g, dw) for p in s.parts))
+    if isinstance(s, InBasis):
+        return s.replace(inner=_in_basis_grad(s, x, g, dw))
     if isinstance(s, Sparse):
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
     if (isinstance(s, Kron) and x.shape[0] >= KRON_GEMM_TOKENS) or \
@@ -98,10 +103,31 @@ def _structure_grad(s, x, g, dw):
     return pull(g)[0]
 
 
-def _lazy_dw(x, g):
-    """``() -> xᵀg``, computed on the first call only (shared by the sparse / Kronecker parts of a sum)."""
+def _in_basis_grad(s: InBasis, x, g, dw):
+    """The inner structure's cotangent of ``ΔW = s·Re(T_in C T_outᵀ)``: ``dC = s·Re(T_inᵀ xᵀg T_out)``.
+
+    Low rank / Kronecker inner parts take it from the rows transformed by the basis, ``dC = s·Re(t(x)ᵀ t(g))``
+    (``N·d·log d`` for the transforms, then their rank-r products): never ``xᵀg``. Sparse inner parts
+    read ``dC`` at their support from the layer's one ``dW = xᵀg`` (``dw()``) mapped by the 2-D transform,
+    ``s·Re(t(t(dW)ᵀ)ᵀ)``: on CPU that GEMM beats gathering ``N·k`` products. A complex ``T`` (Fourier) uses
+    ``Re(aᵀb) = Re(a)ᵀRe(b) - Im(a)ᵀIm(b)``: ``2N`` real rows."""
+    t = s.along[0]
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    xt, gt = t(x.astype(f32)), t(g.astype(f32))
+    if jnp.iscomplexobj(xt):
+        xt, gt = jnp.concatenate([xt.real, xt.imag]), jnp.concatenate([gt.real, -gt.imag])
+    return _structure_grad(s.inner, xt, s.scale * gt, _lazy(lambda: s.scale * jnp.real(t(t(dw()).T).T)))
+
+
+def _lazy(f):
+    """``f()``, computed on the first call only (the ``dW = xᵀg`` shared by a sum's sparse / Kronecker parts)."""
     cache = []
-    return lambda: cache[0] if cache else cache.append(x.T @ g) or cache[0]
+    return lambda: cache[0] if cache else cache.append(f()) or cache[0]
+
+
+def _lazy_dw(x, g):
+    """``() -> xᵀg``, computed on the first call only."""
+    return _lazy(lambda: x.T @ g)
 
 
 def _materialised_bwd(res, g):

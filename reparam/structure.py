@@ -8,6 +8,7 @@ that ``x @ ΔW`` and the gradient of its arrays can be computed without forming
     Kron(a, b)           ΔW = Σ_k a[k] ⊗ b[k]           KronA, LoKr, Compacter, SoKA
     Sparse(idx, values)  ΔW.flat[idx] = values          SLTrain, SaRA, SPT, LT-SFT, S²FT
     Sum(parts)           ΔW = Σ_p parts[p]              rp.add
+    InBasis(inner, s)    ΔW = s·Re(T_in·inner·T_outᵀ)    rp.in_basis: FourierFT, WaveFT, WaRA (separable bases)
     Scaled(inner, c)     W = (W0 + inner)·diag(c)       DoRA (c = m / ‖W0 + s·AB‖_col)
 
 Each has :func:`dense` (the matrix), :func:`matvec` (``x @ ΔW``) and :func:`costs`. ``Scaled`` is not
@@ -54,6 +55,21 @@ class Sum:
 
 
 @struct.dataclass
+class InBasis:
+    """``ΔW = s · Re(T_in · inner · T_outᵀ)``: an additive structure ``inner`` in a separable basis.
+
+    ``along = (t, t_adj)`` apply the basis's 1-D matrix ``T`` (``d x d``, maybe complex, for the
+    length ``d`` of the last axis) to rows: ``t(v) = v @ T``, ``t_adj(v) = v @ Tᵀ``. The basis's
+    inverse is ``C ↦ Re(T_in C T_outᵀ)`` (:attr:`reparam.core.Basis.along`), so
+    ``x @ ΔW = s·Re(t_adj(matvec(inner, t(x))))`` and the coefficients' gradient is
+    ``dC = s·Re(t(x)ᵀ t(g))``: the inner structure's gradient at the transformed ``x`` and ``g``.
+    """
+    inner: object
+    scale: float = struct.field(pytree_node=False)
+    along: tuple = struct.field(pytree_node=False)
+
+
+@struct.dataclass
 class Scaled:
     """``W = (W0 + inner) · diag(c)``: an additive structure ``inner`` and a scale ``c [d_out]`` per output."""
     inner: object
@@ -77,6 +93,10 @@ def dense(s, shape: tuple[int, int]) -> Array:
         return flat.at[s.idx].set(s.values, indices_are_sorted=True, unique_indices=True).reshape(shape)
     if isinstance(s, Sum):
         return sum(dense(p, shape) for p in s.parts)
+    if isinstance(s, InBasis):
+        _, t_adj = s.along
+        c = dense(s.inner, shape)
+        return s.scale * jnp.real(t_adj(t_adj(c).T).T)
     if isinstance(s, Scaled):
         raise _needs_base(s)
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
@@ -97,6 +117,9 @@ def matvec(s, x: Array) -> Array:
         return jax.ops.segment_sum(contrib.T, cols, num_segments=s.d_out, indices_are_sorted=False).T
     if isinstance(s, Sum):
         return sum(matvec(p, x) for p in s.parts)
+    if isinstance(s, InBasis):
+        t, t_adj = s.along
+        return (s.scale * jnp.real(t_adj(matvec(s.inner, t(x))))).astype(x.dtype)
     if isinstance(s, Scaled):
         raise _needs_base(s)
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
@@ -116,6 +139,10 @@ def costs(s, shape: tuple[int, int]) -> tuple[int, int]:
     if isinstance(s, Sum):
         parts = [costs(p, shape) for p in s.parts]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(s, InBasis):          # fast 1-D transforms: ~d·log2(d) per row, both sides
+        per_token, form = costs(s.inner, shape)
+        lg = math.log2(d_in) + math.log2(d_out)
+        return per_token + int((d_in + d_out) * lg), form + int(d_in * d_out * lg)
     if isinstance(s, Scaled):           # the scale: d_out per token, or d_in·d_out once
         per_token, form = costs(s.inner, shape)
         return per_token + d_out, form + d_in * d_out

@@ -21,7 +21,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.fft import dctn, idctn
+from jax.scipy.fft import dct, dctn, idct, idctn
 
 from reparam import sparse
 from reparam.core import Basis, Reparam, ReparamError, fmt_name, in_basis
@@ -125,13 +125,18 @@ def wavelet_basis(wavelet: str = "haar", levels: int = 1) -> Basis:
             w = block if lvl == 0 else w.at[..., :bm, :bn].set(block)
         return w
 
-    return Basis(jax.jit(forward), jax.jit(inverse), name)
+    # one level is separable (rows, then columns); deeper Mallat levels re-filter only the LL block
+    along = (lambda v: _analysis(_float(v), lo, hi, -1), lambda v: _synthesis(v, lo, hi, -1)) \
+        if levels == 1 else None
+    return Basis(jax.jit(forward), jax.jit(inverse), name, along)
 
 
 def dct_basis() -> Basis:
     """Orthonormal 2-D DCT-II: ``C = D_in W D_outᵀ`` (``norm="ortho"``), ``‖C‖ = ‖W‖``; any shape."""
     return Basis(jax.jit(lambda w: dctn(_float(w), type=2, axes=(-2, -1), norm="ortho")),
-                 jax.jit(lambda c: idctn(_float(c), type=2, axes=(-2, -1), norm="ortho")), "dct")
+                 jax.jit(lambda c: idctn(_float(c), type=2, axes=(-2, -1), norm="ortho")), "dct",
+                 (lambda v: dct(_float(v), type=2, axis=-1, norm="ortho"),
+                  lambda v: idct(v, type=2, axis=-1, norm="ortho")))
 
 
 def fourier_basis() -> Basis:
@@ -145,7 +150,8 @@ def fourier_basis() -> Basis:
     inverse DFT, and ``Re(ifft2(Cᵀ)) = Re(ifft2(C))ᵀ``.
     """
     return Basis(jax.jit(lambda w: jnp.fft.fft2(_float(w), axes=(-2, -1))),
-                 jax.jit(lambda c: jnp.real(jnp.fft.ifft2(c, axes=(-2, -1)))), "fourier")
+                 jax.jit(lambda c: jnp.real(jnp.fft.ifft2(c, axes=(-2, -1)))), "fourier",
+                 (lambda v: jnp.fft.ifft(v, axis=-1),) * 2)          # T = F⁻¹ is symmetric
 
 
 def waveft(k: Optional[int] = None, density: Optional[float] = None, *, wavelet: str = "haar",

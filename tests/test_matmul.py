@@ -29,7 +29,10 @@ def _structures(seed, d_in, d_out):
     n = d_in * d_out
     idx = jnp.asarray(np.sort(g.choice(n, max(1, n // 5), replace=False)).astype(np.int32))
     sp = S.Sparse(idx, draw(*idx.shape), d_out)
-    return {"lowrank": lr, "kron": kr, "sparse": sp, "sum": S.Sum((lr, sp))}
+    return {"lowrank": lr, "kron": kr, "sparse": sp, "sum": S.Sum((lr, sp)),
+            # separable bases: complex (Fourier, 2N real rows) around a sum, real (Haar) around sparse
+            "fourier": S.InBasis(S.Sum((lr, sp)), 7.0, rp.fourier_basis().along),
+            "haar": S.InBasis(sp, 0.5, rp.wavelet_basis("haar").along)}
 
 
 @settings(max_examples=3, deadline=None)
@@ -52,7 +55,7 @@ def _weight(base, s):
     return base + S.dense(s, base.shape)
 
 
-@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled"])
+@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled", "fourier", "haar"])
 @pytest.mark.parametrize("factored", [True, False])
 def test_structured_matmul_matches_autodiff(kind, factored):
     """Outputs and gradients (w.r.t. x and every structure array) equal plain autodiff."""
@@ -150,7 +153,8 @@ def test_structured_methods_cover_every_structured_family():
 
 # one method per structure kind (and the shared, stochastic and summed cases) runs every forward;
 # the others run the custom-VJP (materialised) forward, the one plain autodiff does not share
-EVERY_MODE = {"lora", "vera", "lokr", "compacter", "sparse_random_k", "dylora", "lora+pissa", "dora"}
+EVERY_MODE = {"lora", "vera", "lokr", "compacter", "sparse_random_k", "dylora", "lora+pissa", "dora",
+              "fourierft", "wara"}
 
 
 @pytest.mark.parametrize("name", sorted(set(STRUCTURED) - VARIANTS))
@@ -198,13 +202,17 @@ def _dot_shapes(hlo: str):
     return out
 
 
-@pytest.mark.parametrize("mode, expect_full_grad", [("auto", False), ("autodiff", True)])
-def test_hot_step_never_forms_the_weight_gradient(mode, expect_full_grad):
-    """The compiled LoRA step has no dot contracting over the tokens into a [d_in, d_out] result
+@pytest.mark.parametrize("method, mode, expect_full_grad", [
+    ("lora", "auto", False), ("lora", "autodiff", True),
+    ("wara", "auto", False), ("wara", "autodiff", True),          # low rank in the (separable) Haar basis
+    ("fourierft", "auto", True)])                                 # sparse: its support read off one xᵀg GEMM
+def test_hot_step_never_forms_the_weight_gradient(method, mode, expect_full_grad):
+    """The compiled LoRA (WaRA) step has no dot contracting over the tokens into a [d_in, d_out] result
     (xᵀg); plain autodiff through the materialised weight has one -- so the check can fail."""
     d_in, d_out, n = 24, 40, 56
     params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (d_in, d_out)), "bias": jnp.zeros(d_out)}}
-    plan = rp.plan([(r"layer/kernel", rp.lora(4))], params)
+    t = {"lora": rp.lora(4), "wara": rp.wara(4), "fourierft": rp.fourierft(n=30)}[method]
+    plan = rp.plan([(r"layer/kernel", t)], params)
     frozen, trainable = plan.init(jax.random.key(1), params)
 
     class Net(nn.Module):

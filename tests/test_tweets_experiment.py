@@ -30,7 +30,7 @@ def _split(n=45, seq=64, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "label": rng.integers(0, 3, n).astype(np.int32)}
 
 
-def test_length_chunks_cover_each_row_once_cut_to_multiples_of_16():
+def test_length_chunks_cover_each_row_once_cut_to_multiples_of_8():
     split = _split()
     chunks = list(tasks.length_chunks(split, 16))
     assert [len(c["label"]) for c in chunks] == [16, 16, 16]             # 45 rows + 3 of weight 0
@@ -39,7 +39,7 @@ def test_length_chunks_cover_each_row_once_cut_to_multiples_of_16():
     assert sorted(seen.tolist()) == sorted(split["input_ids"][:, 0].tolist())
     for c in chunks:
         cut = c["input_ids"].shape[1]
-        assert cut % 16 == 0 and c["attention_mask"].sum(1).max() <= cut < c["attention_mask"].sum(1).max() + 16
+        assert cut % 8 == 0 and c["attention_mask"].sum(1).max() <= cut < c["attention_mask"].sum(1).max() + 8
     assert [c["input_ids"].shape[1] for c in chunks] == sorted(c["input_ids"].shape[1] for c in chunks)
 
 

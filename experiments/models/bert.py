@@ -70,10 +70,13 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         c, (n, t, _) = self.config, x.shape
         hd = c.hidden // c.heads
-        q, k, v = (_dense(c.hidden, self.dtype, m)(x).reshape(n, t, c.heads, hd) for m in ("query", "key", "value"))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) / np.sqrt(hd) + bias
+        # heads as a leading batch axis, [n, h, t, d]: XLA:CPU runs batched dots with leading batch axes
+        # as batched GEMMs, ~3x faster here than the same einsums over [n, t, h, d]
+        q, k, v = (_dense(c.hidden, self.dtype, m)(x).reshape(n, t, c.heads, hd).transpose(0, 2, 1, 3)
+                   for m in ("query", "key", "value"))
+        scores = jnp.einsum("nhqd,nhkd->nhqk", q, k).astype(jnp.float32) / np.sqrt(hd) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, c.hidden)
+        ctx = jnp.einsum("nhqk,nhkd->nhqd", probs, v).transpose(0, 2, 1, 3).reshape(n, t, c.hidden)
         return _dense(c.hidden, self.dtype, "output")(ctx)
 
 
