@@ -3,6 +3,7 @@
     python -m benchmarks.minilm                       # every method, both sides -> results/minilm.{json,md,png}
     python -m benchmarks.minilm --quick               # lora + pissa, 3 steps -> results/minilm_quick.*
     python -m benchmarks.minilm --methods=full,lora@autodiff,lora --sides=reparam --steps=15
+    python -m benchmarks.minilm --methods=lora --repeat=5 --tag=minilm_lora   # reparam / PEFT interleaved x5
 
 all-MiniLM-L6-v2 (experiments.models.bert; PEFT side: the same weights in transformers'
 ``BertModel``, benchmarks/peft_minilm.py) with a 3-class head on the mean-pooled output;
@@ -224,6 +225,15 @@ def run_child(module: str, spec: str, args) -> dict:
     return {**json.loads(res.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
+def median_run(runs: list) -> dict:
+    """Of repeated runs of one configuration, the one with the median step time (the lower middle of an
+    even count), with every run's step time in ``step_ms_runs``; the first error if every run failed."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_ms"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2], "step_ms_runs": [r["step_ms"] for r in runs if "error" not in r]}
+
+
 def _f(v, spec, none="") -> str:
     return none if v is None else format(v, spec)
 
@@ -307,7 +317,7 @@ def plot(rows, path):
 
 
 def _tag(args) -> str:
-    return "minilm_quick" if args.quick else "minilm"
+    return args.tag or ("minilm_quick" if args.quick else "minilm")
 
 
 def write(rows, args):
@@ -316,10 +326,12 @@ def write(rows, args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+                   "repeat": args.repeat,
                    "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
         f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
-                f"{args.warmup} warm-up; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
+                f"{args.warmup} warm-up" + (f", the median of {args.repeat} interleaved runs (each a fresh process)"
+                                            if args.repeat > 1 else "") + "; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
                 f"{markdown(rows)}\n")
     plot(rows, os.path.join(args.out, f"{tag}.png"))
 
@@ -334,8 +346,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (--quick: 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps, median reported; default 15 (--quick: 3)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each configuration, the sides interleaved; the median run is reported")
     ap.add_argument("--quick", action="store_true", help="lora,pissa with 1 + 3 steps; writes minilm_quick.*")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--tag", default=None, help="output file names <tag>.{json,md,png}; default minilm(_quick)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     defaults = QUICK if args.quick else dict(methods=all_methods(), warmup=3, steps=15)
@@ -354,13 +369,17 @@ def main():
         todo = [("reparam", "benchmarks.minilm")] if "reparam" in sides else []
         if "peft" in sides and not mode:
             todo.append(("peft", "benchmarks.peft_minilm"))
+        if "peft" in sides and name not in peft_minilm.METHODS and not mode:
+            todo = [t for t in todo if t[0] != "peft"]
+            rows.append({"side": "peft", "method": name, "missing": True})
+            print(f"{spec:>14}    peft: not in PEFT", flush=True)
+        runs = {side: [] for side, _ in todo}
+        for _ in range(args.repeat):                         # interleaved: reparam, PEFT, reparam, PEFT, ...
+            for side, module in todo:
+                runs[side].append(run_child(module, spec, args))
         for side, module in todo:
-            if side == "peft" and name not in peft_minilm.METHODS:
-                rows.append({"side": side, "method": name, "missing": True})
-                print(f"{spec:>14} {side:>7}: not in PEFT", flush=True)
-                continue
             r = {"side": side, "method": name, **({"matmul": mode or "auto"} if side == "reparam" else {}),
-                 **run_child(module, spec, args)}
+                 **median_run(runs[side])}
             rows.append(r)
             if "error" in r:
                 print(f"{spec:>14} {side:>7}: FAILED {r['error']}\n{r['stderr_tail']}", flush=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 from reparam.core import Reparam, ReparamError, additive, fmt_name
 from reparam.plan import path_str
-from reparam.structure import Sparse
+from reparam.structure import LowRank, Sparse
 
 
 def _count(n: int, what: str, method: str, k, density) -> int:
@@ -217,4 +217,11 @@ def structured(rows: Optional[Sequence[int]] = None, cols: Optional[Sequence[int
         z = jnp.zeros(frozen["base"].shape[-2:], v.dtype)
         at = z.at[frozen["rows"]] if ax == 0 else z.at[:, frozen["cols"]]
         return at.set(v, indices_are_sorted=True, unique_indices=True)
-    return additive(method, init_fn, delta)
+
+    def structure(frozen, trainable):
+        # a block of rows / columns is low rank with a one-hot factor: ΔW = Pᵀ V (rows) or V P (columns),
+        # P [n, d] one-hot; the hot path then trains V by rank-n products and never forms xᵀg
+        v = trainable["values"]
+        one_hot = jax.nn.one_hot(frozen[key_name], frozen["base"].shape[-2:][ax], dtype=v.dtype)
+        return LowRank(one_hot.T, v) if ax == 0 else LowRank(v, one_hot)
+    return additive(method, init_fn, delta, structure=structure)

@@ -4,9 +4,9 @@ A structure is a small pytree that says how ``ΔW [d_in, d_out]`` is built, so
 that ``x @ ΔW`` and the gradient of its arrays can be computed without forming
 ``ΔW`` or the full weight gradient ``xᵀg`` (:mod:`reparam.matmul`):
 
-    LowRank(l, r)        ΔW = l @ r                     LoRA, PiSSA, VeRA, NOLA, RandLoRA, ...
+    LowRank(l, r)        ΔW = l @ r                     LoRA, PiSSA, VeRA, NOLA, RandLoRA, S²FT (one-hot), ...
     Kron(a, b)           ΔW = Σ_k a[k] ⊗ b[k]           KronA, LoKr, Compacter, SoKA
-    Sparse(idx, values)  ΔW.flat[idx] = values          SLTrain, SaRA, SPT, LT-SFT, S²FT
+    Sparse(idx, values)  ΔW.flat[idx] = values          SLTrain, SaRA, SPT, LT-SFT
     Sum(parts)           ΔW = Σ_p parts[p]              rp.add
     InBasis(inner, s)    ΔW = s·Re(T_in·inner·T_outᵀ)    rp.in_basis: FourierFT, WaveFT, WaRA (separable bases)
     Scaled(inner, c)     W = (W0 + inner)·diag(c)       DoRA (c = m / ‖W0 + s·AB‖_col)

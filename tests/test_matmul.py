@@ -146,9 +146,12 @@ VARIANTS = {"lora_gauss", "rslora", "pissa_rsvd", "corda_kpm", "milora", "randlo
 
 def test_structured_methods_cover_every_structured_family():
     for name in ("lora", "pissa", "lora_xs", "svfit", "sorsa", "vera", "nola", "randlora", "krona", "lokr",
-                 "compacter", "soka", "sparse_random_k", "lora+pissa"):
+                 "compacter", "soka", "sparse_random_k", "lora+pissa", "fourierft", "waveft", "wara", "dct_sparse",
+                 "sparse_s2ft_rows", "sparse_s2ft_cols"):
         if name in METHODS:
             assert name in STRUCTURED, name
+    # a two-level Mallat DWT re-filters only the LL block: not separable, so plain autodiff
+    assert "waveft_db2_l2" in METHODS and "waveft_db2_l2" not in STRUCTURED
 
 
 # one method per structure kind (and the shared, stochastic and summed cases) runs every forward;
