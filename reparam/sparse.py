@@ -57,6 +57,14 @@ def from_support(name: str, choose, scale: float = 1.0, **fields) -> Reparam:
                     **fields)
 
 
+def sample(key, n: int, k: int):
+    """``k`` distinct indices of ``range(n)`` at random: the top ``k`` of ``n`` uniform floats. One ``top_k``,
+    ~30x faster on CPU than ``jax.random.choice(replace=False)``'s shuffles (14 vs 478 ms for 2% of a
+    384x1536 weight). A float32 uniform has 2²³ values, so a tie at the cut (chance about ``n/2²³``) goes
+    to the lower index: a bias of that order on one entry, none on the rest."""
+    return jax.lax.top_k(jax.random.uniform(key, (n,)), k)[1]
+
+
 def random(*, k: Optional[int] = None, density: Optional[float] = None, scale: float = 1.0) -> Reparam:
     """Random sparse support (SLTrain's S, PaCA): ``ΔW = s · S``, ``S`` nonzero on ``k`` uniformly random entries.
 
@@ -66,7 +74,7 @@ def random(*, k: Optional[int] = None, density: Optional[float] = None, scale: f
     """
     def choose(key, w, calib):
         n = support_size(w.shape, "sparse.random", k=k, density=density)
-        return jax.random.choice(key, w.shape[-2] * w.shape[-1], (n,), replace=False)
+        return sample(key, w.shape[-2] * w.shape[-1], n)
     return from_support(fmt_name("sparse.random", k=k, density=density, scale=scale if scale != 1.0 else None),
                         choose, scale)
 
@@ -204,7 +212,7 @@ def structured(rows: Optional[Sequence[int]] = None, cols: Optional[Sequence[int
         else:
             n = _count(n_units, what, method, k, density)
             if select == "random":
-                units = jax.random.choice(key, n_units, (n,), replace=False)
+                units = sample(key, n_units, n)
             else:
                 norms = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=1 - ax).reshape(n_units, group).sum(1)
                 units = _top(norms, n)
