@@ -128,7 +128,7 @@ def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
     for b, a in zip(bars, accs):
         ax_bar.text(a + 0.3, b.get_y() + b.get_height() / 2, f"{a:.1f}", va="center", fontsize=8)
     ax_bar.set_xlim(max(0, min(accs) - 10), 103)
-    ax_bar.set(xlabel="final test accuracy (%)", title=f"Test accuracy (% params trained); untrained head: "
+    ax_bar.set(xlabel="final test accuracy (%)", title=f"Test accuracy (% params trained)\nuntrained head: "
                f"{100 * results['untrained_head_acc']:.0f}% ({split})")
     ax_bar.grid(axis="x", alpha=0.3)
     pre = results.get("pretrain")
