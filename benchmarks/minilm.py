@@ -329,9 +329,9 @@ def write(rows, args):
                    "repeat": args.repeat,
                    "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        repeat = f", the median of {args.repeat} interleaved runs (each a fresh process)" if args.repeat > 1 else ""
         f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
-                f"{args.warmup} warm-up" + (f", the median of {args.repeat} interleaved runs (each a fresh process)"
-                                            if args.repeat > 1 else "") + "; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
+                f"{args.warmup} warm-up{repeat}; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
                 f"{markdown(rows)}\n")
     plot(rows, os.path.join(args.out, f"{tag}.png"))
 
@@ -367,12 +367,9 @@ def main():
         name, _, mode = spec.partition("@")
         rules_for(name)                                      # unknown names fail before any run
         todo = [("reparam", "benchmarks.minilm")] if "reparam" in sides else []
-        if "peft" in sides and not mode:
+        peft_lacks = "peft" in sides and not mode and name not in peft_minilm.METHODS
+        if "peft" in sides and not mode and not peft_lacks:
             todo.append(("peft", "benchmarks.peft_minilm"))
-        if "peft" in sides and name not in peft_minilm.METHODS and not mode:
-            todo = [t for t in todo if t[0] != "peft"]
-            rows.append({"side": "peft", "method": name, "missing": True})
-            print(f"{spec:>14}    peft: not in PEFT", flush=True)
         runs = {side: [] for side, _ in todo}
         for _ in range(args.repeat):                         # interleaved: reparam, PEFT, reparam, PEFT, ...
             for side, module in todo:
@@ -387,6 +384,9 @@ def main():
                 print(f"{spec:>14} {side:>7}: {r['step_ms']:8.1f} ms  {r['tokens_per_s']:6.0f} tok/s  init "
                       f"{r['init_s']:.3f}/{r['init_warm_s']:.3f} s  adapter {_bytes(r['adapter_bytes']):>9}  "
                       f"peak RSS {_f(r['rss_peak_mb'], '.0f')} MB  ({r['wall_s']:.0f} s)", flush=True)
+        if peft_lacks:
+            rows.append({"side": "peft", "method": name, "missing": True})
+            print(f"{spec:>14}    peft: not in PEFT", flush=True)
         write(rows, args)                                   # after every method: a killed sweep keeps its rows
     print("\n" + markdown(rows))
     print(f"\nwrote {_tag(args)}.json, .md, .png to {args.out}")

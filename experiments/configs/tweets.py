@@ -1,4 +1,4 @@
-"""Tweet sentiment with all-MiniLM-L6-v2: full fine-tuning and one transform per family, at matched budgets.
+"""Tweet sentiment with all-MiniLM-L6-v2: full fine-tuning and transforms side by side, at matched budgets.
 
     python -m experiments.run --config=experiments/configs/tweets.py            # the README's main command
     python -m experiments.run --config=experiments/configs/tweets.py --config.methods=all \
