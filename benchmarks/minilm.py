@@ -4,6 +4,7 @@
     python -m benchmarks.minilm --quick               # lora + pissa, 3 steps -> results/minilm_quick.*
     python -m benchmarks.minilm --methods=full,lora@autodiff,lora --sides=reparam --steps=15
     python -m benchmarks.minilm --methods=lora --repeat=5 --tag=minilm_lora   # reparam / PEFT interleaved x5
+    python -m benchmarks.minilm --methods=lora --repeat=3 --huge-pages=both --tag=minilm_lora_hugepages_both
 
 all-MiniLM-L6-v2 (experiments.models.bert; PEFT side: the same weights in transformers'
 ``BertModel``, benchmarks/peft_minilm.py) with a 3-class head on the mean-pooled output;
@@ -14,7 +15,11 @@ alpha=16, VeRA r=256, RandLoRA r=32, LoKr r=8, FourierFT / WaveFT 1000 coefficie
 randomized SVD (ours ``niter=4``, PEFT ``pissa_niter_4``). Each configuration runs in its own
 process (so one's compilation caches and memory do not affect another; torch with
 ``--threads`` threads, default: this machine's cores), ``--warmup`` steps then the median of
-``--steps``. ``name@autodiff`` runs a method with ``matmul="autodiff"``: plain autodiff through
+``--steps``. The reparam processes run with glibc's malloc on 2 MiB pages, as
+``rp.train.use_huge_pages()`` (what the experiment runner calls first) sets them: XLA:CPU allocates a
+step's temporaries afresh at every call, and on 4 KiB pages refaulting them costs a fifth of the step.
+``--huge-pages=both`` gives the PEFT processes the same setting (it does not speed torch up: its step
+faults ~10,000 pages, not ~180,000), ``none`` neither. ``name@autodiff`` runs a method with ``matmul="autodiff"``: plain autodiff through
 the materialised weights and no LayerNorm barrier -- the library before the hot path.
 
 Columns: step ms and tokens/s; ``x reparam LoRA`` / ``x PEFT LoRA``: the row's step time over
@@ -105,6 +110,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def huge_pages() -> bool:
+    """Whether this process runs with glibc's malloc on transparent huge pages (``reparam.train.HUGE_PAGES``)."""
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
 def dir_size(path: str) -> int:
     """Total bytes of the files under ``path``."""
     return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
@@ -192,7 +202,7 @@ def child(name: str, mode: str, args) -> dict:
     peak = peak_bytes(compiled)
     rss0 = rss_mb("VmRSS")
     reset = reset_peak_rss()
-    state, times, losses = run_steps(step, state, frozen, batch, args.warmup, args.steps)
+    state, times, losses = run_steps(compiled, state, frozen, batch, args.warmup, args.steps)
     ms = median(times)
     rss_peak = rss_mb("VmHWM")
     size, what = adapter_bytes(name, params, frozen, state.trainable, initial)
@@ -202,7 +212,7 @@ def child(name: str, mode: str, args) -> dict:
             "rss_peak_mb": rss_peak if reset else None, "rss_train_delta_mb": rss_peak - rss0 if reset else None,
             "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "compile_s": compile_s,
             "adapter_bytes": size, "adapter_what": what, "loss_first": losses[0], "loss": losses[-1],
-            "backend": jax.default_backend()}
+            "backend": jax.default_backend(), "huge_pages": huge_pages()}
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -211,8 +221,12 @@ def run_child(module: str, spec: str, args) -> dict:
     """Runs one configuration in a fresh process; its JSON line, or ``{"error": ...}``."""
     cmd = [sys.executable, "-m", module, f"--child={spec}", f"--batch={args.batch}", f"--seq={args.seq}",
            f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    side = "peft" if module.endswith("peft_minilm") else "reparam"
     env = dict(os.environ)
-    if module.endswith("peft_minilm"):
+    if args.huge_pages in (side, "both"):
+        from reparam.train import huge_pages_env
+        env = huge_pages_env(env)
+    if side == "peft":
         cmd.append(f"--threads={args.threads}")
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -326,12 +340,15 @@ def write(rows, args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-                   "repeat": args.repeat,
+                   "repeat": args.repeat, "huge_pages": args.huge_pages,
                    "threads": args.threads, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
         repeat = f", the median of {args.repeat} interleaved runs (each a fresh process)" if args.repeat > 1 else ""
+        pages = {"reparam": "reparam's processes", "peft": "PEFT's processes", "both": "both sides",
+                 "none": "neither side"}[args.huge_pages]
         f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
-                f"{args.warmup} warm-up{repeat}; `python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
+                f"{args.warmup} warm-up{repeat}; glibc malloc on huge pages: {pages}; "
+                f"`python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
                 f"{markdown(rows)}\n")
     plot(rows, os.path.join(args.out, f"{tag}.png"))
 
@@ -348,6 +365,9 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each configuration, the sides interleaved; the median run is reported")
+    ap.add_argument("--huge-pages", default="reparam", choices=("reparam", "peft", "both", "none"),
+                    help="the sides whose processes run with rp.train.HUGE_PAGES in GLIBC_TUNABLES, as "
+                         "rp.train.use_huge_pages() sets it (default: reparam's)")
     ap.add_argument("--quick", action="store_true", help="lora,pissa with 1 + 3 steps; writes minilm_quick.*")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--tag", default=None, help="output file names <tag>.{json,md,png}; default minilm(_quick)")

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.minilm import N_CLASSES, dir_size, fixed_batch, reset_peak_rss, rss_mb
+from benchmarks.minilm import N_CLASSES, dir_size, fixed_batch, huge_pages, reset_peak_rss, rss_mb
 
 TARGETS = ["query", "key", "value", "dense"]
 METHODS = ("full", "lora", "rslora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora", "sparse")
@@ -135,6 +135,7 @@ def child(name: str, args) -> dict:
             "rss_peak_mb": peak if reset else None, "rss_train_delta_mb": peak - rss0 if reset else None,
             "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "adapter_bytes": size,
             "adapter_what": saved, "loss_first": losses[0], "loss": losses[-1], "threads": torch.get_num_threads(),
+            "huge_pages": huge_pages(),
             "versions": {"torch": torch.__version__, "peft": peft.__version__}}
 
 

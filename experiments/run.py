@@ -451,6 +451,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)      # absl's INFO lines (e.g. backend probing) are noise here
+    rp.train.use_huge_pages()       # first: re-executes once with glibc malloc on 2 MiB pages (CPU steps ~20% faster)
     run(flags.FLAGS.config)
 
 

@@ -17,7 +17,8 @@ The public API, as a table of contents:
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   matmul      the hot path: structured_matmul (custom VJP), intercept (routes Flax Dense/DenseGeneral),
               cotangent_barrier (after LayerNorm)
-  train       TrainState, init_state, make_train_step (matmul="auto"|..., remat), make_eval_step
+  train       TrainState, init_state, make_train_step (matmul="auto"|..., remat), make_eval_step,
+              use_huge_pages (CPU: 2 MiB pages for XLA's per-step temporaries)
   sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
               put, shard_batch, global_batch, initialize (jax.distributed), make_train_step
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)

@@ -38,7 +38,8 @@ def _flags(output_dir, **overrides):
 
 def _cli(output_dir, log, **overrides):
     return subprocess.Popen([sys.executable, "-m", "experiments.run", "--config=experiments/configs/digits.py",
-                             *_flags(output_dir, **overrides)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             *_flags(output_dir, **overrides)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=rp.train.huge_pages_env())     # set already: the runner need not re-execute itself
 
 
 def _steps(directory):
