@@ -19,8 +19,9 @@ process (so one's compilation caches and memory do not affect another; torch wit
 ``rp.train.use_huge_pages()`` (what the experiment runner calls first) sets them: XLA:CPU allocates a
 step's temporaries afresh at every call, and on 4 KiB pages refaulting them costs a fifth of the step.
 ``--huge-pages=both`` gives the PEFT processes the same setting (it does not speed torch up: its step
-faults ~10,000 pages, not ~180,000), ``none`` neither. ``name@autodiff`` runs a method with ``matmul="autodiff"``: plain autodiff through
-the materialised weights and no LayerNorm barrier -- the library before the hot path.
+faults ~10,000 pages, not ~180,000), ``none`` neither. ``name@autodiff`` runs a method with
+``matmul="autodiff"``: plain autodiff through the materialised weights and no LayerNorm barrier -- the
+library before the hot path.
 
 Columns: step ms and tokens/s; ``x reparam LoRA`` / ``x PEFT LoRA``: the row's step time over
 reparam's / PEFT's LoRA step (blank when that run is not in the sweep); trainable count; init s

@@ -110,14 +110,14 @@ def make_eval_step(plan: Plan, metrics_fn: Callable, *, jit: bool = True) -> Cal
     return jax.jit(evaluate) if jit else evaluate
 
 
-
 HUGE_PAGES = "glibc.malloc.hugetlb=1"    # glibc >= 2.35: malloc madvises its mmap'd blocks MADV_HUGEPAGE
 
 
 def huge_pages_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default ``os.environ``) with :data:`HUGE_PAGES` added to ``GLIBC_TUNABLES`` (for a subprocess)."""
     env = dict(os.environ if env is None else env)
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb=")]
     env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES])
     return env
 
