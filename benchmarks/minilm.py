@@ -67,9 +67,10 @@ def rules_for(name: str):
     import reparam as rp
     r = {"full": None,
          "lora": rp.lora(8, alpha=16), "dora": rp.dora(8, alpha=16), "pissa": rp.pissa(8, alpha=16, niter=4),
-         "vera": rp.vera(256), "lokr": rp.lokr(8, alpha=16), "krona": rp.krona(),
+         "vera": rp.vera(256, store_bases=True), "lokr": rp.lokr(8, alpha=16), "krona": rp.krona(),
          "fourierft": rp.fourierft(1000, 300.0), "waveft": rp.waveft(k=1000),
-         "randlora": rp.randlora(32), "sparse": rp.sparse.random(density=0.02), "rslora": rp.lora(8, 16, rslora=True),
+         "randlora": rp.randlora(32, store_bases=True), "sparse": rp.sparse.random(density=0.02),
+         "rslora": rp.lora(8, 16, rslora=True),
          "sltrain": rp.add(rp.lora(4, alpha=8), rp.sparse.random(k=1000))}
     if name not in r:
         from experiments import methods as M

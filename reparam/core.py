@@ -196,11 +196,17 @@ class Basis(NamedTuple):
     complex) of that axis's length, such that ``inverse(C) = Re(T_in C T_outᵀ)``. With it the train
     step takes the coefficients' gradient from the transformed layer input and output cotangent
     (:class:`reparam.structure.InBasis`) instead of the full weight gradient ``xᵀg``.
+
+    ``adjoint``, optional with ``along``: ``G ↦ Re(T_inᵀ G T_out)`` for a real ``G``, the adjoint of
+    ``inverse`` on real coefficients (a sparse coefficient matrix's gradient is it at the weight's
+    gradient, read at the support). ``None``: computed with ``t`` along both axes. A basis gives it where
+    a 2-D transform does it faster (``forward`` for an orthogonal basis; a real FFT for the DFT).
     """
     forward: Callable[[Array], Array]
     inverse: Callable[[Array], Array]
     name: str
     along: Optional[tuple[Callable[[Array], Array], Callable[[Array], Array]]] = None
+    adjoint: Optional[Callable[[Array], Array]] = None
 
 
 def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
@@ -236,7 +242,7 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
     if basis.along is not None and inner.structure is not None:
         def structure(frozen, trainable, **kw):
             s = inner.structure({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
-            return InBasis(s, scale, basis.along)
+            return InBasis(s, scale, basis)
 
     return additive(f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})",
                     init, delta, structure=structure, penalty=None, stochastic=inner.stochastic,

@@ -1,9 +1,13 @@
 """Random-basis family: VeRA, NOLA, RandLoRA -- frozen random bases, trained scalings or coefficients.
 
-The bases are never stored: ``frozen["key"]`` holds a PRNG key and ``delta``
-regenerates them inside the jitted step, and again in the backward pass (the
-deltas are ``jax.checkpoint``-ed, so no basis is kept as a residual). A saved
-adapter is the key plus the trained vectors.
+By default the bases are never stored: ``frozen["key"]`` holds a PRNG key and
+``delta`` regenerates them inside the jitted step, and again in the backward
+pass (the deltas are ``jax.checkpoint``-ed, so no basis is kept as a residual).
+``store_bases=True`` instead draws them once at init into ``frozen["bases"]``
+(the key stays): more memory, a faster step where hashing is slow (on CPU,
+threefry regeneration was ~120 ms of a 1.8 s MiniLM VeRA step;
+``benchmarks/minilm.py``). Either way a saved adapter is the key plus the trained
+vectors: frozen arrays are rebuilt by ``plan.init``, never checkpointed.
 
 Bases are counter-based (Salmon et al. 2011, "Random123"): entry ``(i, j)`` of
 a basis is the threefry2x32 hash of ``(stream·2^28 + i, j)`` under the key
@@ -109,15 +113,25 @@ def vera_basis(key, d_in: int, d_out: int, rank: int, fan_in: Optional[int] = No
     return a * math.sqrt(6.0 / fan), bt.T * math.sqrt(6.0 / rank)
 
 
-def _vera_core(key, d, b, d_in, d_out, rank, fan_in):
-    a, bb = vera_basis(key, d_in, d_out, rank, fan_in)
+def _frozen(w, key, store: bool, bases):
+    """A leaf's frozen entry: base and key, and with ``store`` the bases ``bases(key)`` as arrays."""
+    return {"base": w, "key": key, **({"bases": tuple(bases(key))} if store else {})}
+
+
+def _vera_combine(bases, d, b):
+    a, bb = bases
     return a * d, bb * b
+
+
+def _vera_core(key, d, b, d_in, d_out, rank, fan_in):
+    return _vera_combine(vera_basis(key, d_in, d_out, rank, fan_in), d, b)
 
 
 _vera_factors = _cached(_vera_core, 4)
 
 
-def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int] = None) -> Reparam:
+def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int] = None,
+         store_bases: bool = False) -> Reparam:
     """VeRA (Kopiczko et al. 2024): ``W = W0 + (A · diag(d)) @ (B · diag(b))``.
 
     ``A [d_in, r]``, ``B [r, d_out]`` are frozen random bases SHARED by all
@@ -134,19 +148,25 @@ def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int]
     the adapted layers share their input width (q/k/v/o of most transformers).
     With mixed widths, pass the largest to get PEFT's scale, and every layer's
     ``A`` an exact (unrescaled) slice of one matrix.
+
+    ``store_bases``: keep this layer's ``A``, ``B`` in ``frozen["bases"]``
+    (``r·(d_in + d_out)`` floats per layer) instead of regenerating them each step.
     """
     _positive(rank, "rank", "vera")
 
     def init_fn(key, w, calib=None):
-        return ({"base": w, "key": _seed_key(seed)},
-                {"d": jnp.full((rank,), d_init, jnp.float32), "b": jnp.zeros((w.shape[1],), jnp.float32)})
+        d_in, d_out = w.shape
+        return (_frozen(w, _seed_key(seed), store_bases, lambda k: vera_basis(k, d_in, d_out, rank, fan_in)),
+                {"d": jnp.full((rank,), d_init, jnp.float32), "b": jnp.zeros((d_out,), jnp.float32)})
 
     def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
+        if "bases" in frozen:
+            return LowRank(*_vera_combine(frozen["bases"], trainable["d"], trainable["b"]))
         return LowRank(*_vera_factors(frozen["key"], trainable["d"], trainable["b"], d_in, d_out, rank, fan_in))
 
-    return additive(fmt_name("vera", r=rank, seed=seed, d_init=d_init, fan_in=fan_in), init_fn,
-                    structure=structure)
+    return additive(fmt_name("vera", r=rank, seed=seed, d_init=d_init, fan_in=fan_in, store_bases=store_bases),
+                    init_fn, structure=structure)
 
 
 # --- NOLA ----------------------------------------------------------------------------------------
@@ -167,16 +187,29 @@ def _mix(key, stream: int, w, width: int, chunk: int):
     return jax.lax.scan(jax.checkpoint(step), jnp.zeros((width,), jnp.float32), (jnp.arange(steps), w))[0]
 
 
+def _nola_bases(key, na: int, nb: int, d_in: int, d_out: int, rank: int):
+    """All of a layer's NOLA bases, flattened: ``U [na + 1, d_in·r]`` (``U_0`` first) and ``V [nb, r·d_out]``."""
+    return uniform_blocks(key, [(0, _ids(na + 1), _ids(d_in * rank)), (1, _ids(nb), _ids(rank * d_out))])
+
+
+def _nola_weights(ca, cb, d_in):
+    """The mixing weights ``(1/√d_in, a/√k_a)`` of ``U`` and ``b/√k_b`` of ``V``."""
+    wa = jnp.concatenate([jnp.full((1,), 1.0 / math.sqrt(d_in), jnp.float32), ca / math.sqrt(ca.shape[0])])
+    return wa, cb / math.sqrt(cb.shape[0])
+
+
+def _nola_combine(bases, ca, cb, d_in, d_out, rank):
+    (u, v), (wa, wb) = bases, _nola_weights(ca, cb, d_in)
+    return (wa @ u).reshape(d_in, rank), (wb @ v).reshape(rank, d_out)
+
+
 def _nola_core(key, ca, cb, d_in, d_out, rank, chunk):
     """``A = U_0/√d_in + Σ_i a_i U_i/√k_a``, ``B = Σ_j b_j V_j/√k_b``; ``U``, ``V`` ~ U(-1, 1), flattened."""
     na, nb = ca.shape[0], cb.shape[0]
-    wa = jnp.concatenate([jnp.full((1,), 1.0 / math.sqrt(d_in), jnp.float32), ca / math.sqrt(na)])
-    wb = cb / math.sqrt(nb)
     if na + 1 <= chunk and nb <= chunk:      # all bases at once, one hash call
-        u, v = uniform_blocks(key, [(0, _ids(na + 1), _ids(d_in * rank)), (1, _ids(nb), _ids(rank * d_out))])
-        a, b = wa @ u, wb @ v
-    else:
-        a, b = _mix(key, 0, wa, d_in * rank, chunk), _mix(key, 1, wb, rank * d_out, chunk)
+        return _nola_combine(_nola_bases(key, na, nb, d_in, d_out, rank), ca, cb, d_in, d_out, rank)
+    wa, wb = _nola_weights(ca, cb, d_in)
+    a, b = _mix(key, 0, wa, d_in * rank, chunk), _mix(key, 1, wb, rank * d_out, chunk)
     return a.reshape(d_in, rank), b.reshape(rank, d_out)
 
 
@@ -184,7 +217,7 @@ _nola_factors = _cached(_nola_core, 4)
 
 
 def nola(rank: int, num_a: int = 1024, num_b: int = 1024, alpha: Optional[float] = None, *,
-         seed: Optional[int] = None, chunk: int = 64) -> Reparam:
+         seed: Optional[int] = None, chunk: int = 64, store_bases: bool = False) -> Reparam:
     """NOLA (Koohpayegani et al. 2024): ``W = W0 + s · (A0 + Σ_i a_i A_i) @ (Σ_j b_j B_j)``.
 
     LoRA's factors as linear combinations of frozen random bases ``A_i [d_in, r]``
@@ -199,6 +232,11 @@ def nola(rank: int, num_a: int = 1024, num_b: int = 1024, alpha: Optional[float]
     generated ``chunk`` at a time in a rematerialised scan, so at most ``chunk``
     of each are in memory (all 1024 would be 25 MB per 768-wide layer at r=8);
     the result does not depend on ``chunk``.
+
+    ``store_bases``: keep all of this layer's bases in ``frozen["bases"]``
+    (``((num_a + 1)·d_in + num_b·d_out)·r`` floats per layer: 4 MB for a
+    384x1536 layer at r=8 and 64 + 64 bases, 60 MB at 1024 + 1024) instead of
+    regenerating them each step.
     """
     for v, what in ((rank, "rank"), (num_a, "num_a"), (num_b, "num_b"), (chunk, "chunk")):
         _positive(v, what, "nola")
@@ -206,15 +244,20 @@ def nola(rank: int, num_a: int = 1024, num_b: int = 1024, alpha: Optional[float]
 
     def init_fn(key, w, calib=None):
         k = _seed_key(seed) if seed is not None else _typed(key)
-        return {"base": w, "key": k}, {"a": jnp.zeros((num_a,), jnp.float32), "b": jnp.zeros((num_b,), jnp.float32)}
+        d_in, d_out = w.shape
+        return (_frozen(w, k, store_bases, lambda k_: _nola_bases(k_, num_a, num_b, d_in, d_out, rank)),
+                {"a": jnp.zeros((num_a,), jnp.float32), "b": jnp.zeros((num_b,), jnp.float32)})
 
     def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
-        a, b = _nola_factors(frozen["key"], trainable["a"], trainable["b"], d_in, d_out, rank, chunk)
+        if "bases" in frozen:
+            a, b = _nola_combine(frozen["bases"], trainable["a"], trainable["b"], d_in, d_out, rank)
+        else:
+            a, b = _nola_factors(frozen["key"], trainable["a"], trainable["b"], d_in, d_out, rank, chunk)
         return LowRank(s * a, b)
 
-    return additive(fmt_name("nola", r=rank, num_a=num_a, num_b=num_b, alpha=alpha, seed=seed), init_fn,
-                    structure=structure)
+    return additive(fmt_name("nola", r=rank, num_a=num_a, num_b=num_b, alpha=alpha, seed=seed,
+                             store_bases=store_bases), init_fn, structure=structure)
 
 
 # --- RandLoRA ------------------------------------------------------------------------------------
@@ -242,16 +285,21 @@ def randlora_basis(key, min_dim: int, max_dim: int, rank: int):
     return _SQRT3 * a, _SQRT3 * b2.reshape(max_dim, -1, rank).transpose(1, 2, 0)
 
 
-def _randlora_core(key, lam, gam, lo, hi, rank):
-    a, b2 = _randlora_blocks(key, lo, hi, rank)                          # [min, r], [max, N·r]
+def _randlora_combine(bases, lam, gam):
+    a, b2 = bases                                                       # [min, r], [max, N·r]
     m = gam.T[:, :, None] * a[:, None, :] * lam.T[None]                 # [min, N, r]: diag(γ_n) A diag(λ_n)
-    return 3.0 * m.reshape(lo, -1), b2.T                                # [min, N·r], [N·r, max]; 3 = √3·√3
+    return 3.0 * m.reshape(a.shape[0], -1), b2.T                        # [min, N·r], [N·r, max]; 3 = √3·√3
+
+
+def _randlora_core(key, lam, gam, lo, hi, rank):
+    return _randlora_combine(_randlora_blocks(key, lo, hi, rank), lam, gam)
 
 
 _randlora_factors = _cached(_randlora_core, 3)
 
 
-def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper", seed: int = 0) -> Reparam:
+def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper", seed: int = 0,
+             store_bases: bool = False) -> Reparam:
     """RandLoRA (Albert et al. 2025): full-rank ``ΔW = s · Σ_n diag(γ_n) A diag(λ_n) B_n`` over ``N`` bases.
 
     On the layer's smaller side ``min = min(d_in, d_out)``: ``A [min, r]`` and
@@ -266,7 +314,9 @@ def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper"
 
     Cost: ``B`` has ``N·r·max ≈ d_in·d_out`` entries, so each apply hashes a
     W-sized random matrix and does one ``[min, N·r] @ [N·r, max]`` matmul; it
-    is not kept for the backward pass (regenerated there).
+    is not kept for the backward pass (regenerated there). ``store_bases``
+    keeps this layer's ``A``, ``B`` in ``frozen["bases"]`` instead (about
+    ``d_in·d_out`` floats per layer: the size of the weight).
     """
     _positive(rank, "rank", "randlora")
     if scaling not in ("paper", "peft"):
@@ -276,16 +326,18 @@ def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper"
 
     def init_fn(key, w, calib=None):
         d_in, d_out = w.shape
-        n, lo = num_bases(d_in, d_out, rank), min(d_in, d_out)
-        return ({"base": w, "key": _seed_key(seed)},
+        n, lo, hi = num_bases(d_in, d_out, rank), min(d_in, d_out), max(d_in, d_out)
+        return (_frozen(w, _seed_key(seed), store_bases, lambda k: _randlora_blocks(k, lo, hi, rank)),
                 {"lambda": jnp.zeros((rank, n), jnp.float32), "gamma": jnp.full((n, lo), 1.0 / lo, jnp.float32)})
 
     def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
         lo, hi, n = min(d_in, d_out), max(d_in, d_out), num_bases(d_in, d_out, rank)
         s = lora_scale(rank, alpha_) / (math.sqrt(n) if scaling == "paper" else 1.0)
-        m, b = _randlora_factors(frozen["key"], trainable["lambda"], trainable["gamma"], lo, hi, rank)
+        lam, gam = trainable["lambda"], trainable["gamma"]
+        m, b = _randlora_combine(frozen["bases"], lam, gam) if "bases" in frozen else \
+            _randlora_factors(frozen["key"], lam, gam, lo, hi, rank)
         return LowRank(s * m, b) if d_in <= d_out else LowRank(b.T, s * m.T)     # ΔW or its transpose
 
-    return additive(fmt_name("randlora", r=rank, alpha=alpha, scaling=scaling, seed=seed), init_fn,
-                    structure=structure)
+    return additive(fmt_name("randlora", r=rank, alpha=alpha, scaling=scaling, seed=seed, store_bases=store_bases),
+                    init_fn, structure=structure)

@@ -58,15 +58,26 @@ class Sum:
 class InBasis:
     """``ΔW = s · Re(T_in · inner · T_outᵀ)``: an additive structure ``inner`` in a separable basis.
 
-    ``along = (t, t_adj)`` apply the basis's 1-D matrix ``T`` (``d x d``, maybe complex, for the
-    length ``d`` of the last axis) to rows: ``t(v) = v @ T``, ``t_adj(v) = v @ Tᵀ``. The basis's
-    inverse is ``C ↦ Re(T_in C T_outᵀ)`` (:attr:`reparam.core.Basis.along`), so
+    ``basis`` is a separable :class:`reparam.core.Basis`: its ``along = (t, t_adj)`` apply the basis's
+    1-D matrix ``T`` (``d x d``, maybe complex, for the length ``d`` of the last axis) to rows:
+    ``t(v) = v @ T``, ``t_adj(v) = v @ Tᵀ``; its ``inverse`` is ``C ↦ Re(T_in C T_outᵀ)``, so
     ``x @ ΔW = s·Re(t_adj(matvec(inner, t(x))))`` and the coefficients' gradient is
     ``dC = s·Re(t(x)ᵀ t(g))``: the inner structure's gradient at the transformed ``x`` and ``g``.
     """
     inner: object
     scale: float = struct.field(pytree_node=False)
-    along: tuple = struct.field(pytree_node=False)
+    basis: tuple = struct.field(pytree_node=False)
+
+    @property
+    def along(self) -> tuple:
+        return self.basis.along
+
+    def adjoint(self, g: Array) -> Array:
+        """``Re(T_inᵀ G T_out)`` for a real ``[d_in, d_out]`` ``G``: the basis's 2-D adjoint, else ``t`` twice."""
+        if self.basis.adjoint is not None:
+            return self.basis.adjoint(g)
+        t = self.basis.along[0]
+        return jnp.real(t(t(g).T).T)
 
 
 @struct.dataclass
@@ -94,9 +105,7 @@ def dense(s, shape: tuple[int, int]) -> Array:
     if isinstance(s, Sum):
         return sum(dense(p, shape) for p in s.parts)
     if isinstance(s, InBasis):
-        _, t_adj = s.along
-        c = dense(s.inner, shape)
-        return s.scale * jnp.real(t_adj(t_adj(c).T).T)
+        return s.scale * s.basis.inverse(dense(s.inner, shape))
     if isinstance(s, Scaled):
         raise _needs_base(s)
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")

@@ -14,4 +14,7 @@ METHODS = {
     "nola": (lambda r: rb.nola(r, _NA, _NB, alpha=2 * r), lambda i, o, r: _NA + _NB, 0.0),
     "randlora": (lambda r: rb.randlora(r), _randlora_count, 0.0),
     "randlora_peft": (lambda r: rb.randlora(r, alpha=2 * r, scaling="peft"), _randlora_count, 0.0),
+    # the bases drawn once into frozen["bases"] instead of regenerated per step (NOLA's and RandLoRA's stored
+    # bases: test_random_basis.py checks their delta and gradient against the regenerated ones)
+    "vera_stored": (lambda r: rb.vera(r, store_bases=True), lambda i, o, r: r + o, 0.0),
 }

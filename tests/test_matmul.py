@@ -31,8 +31,8 @@ def _structures(seed, d_in, d_out):
     sp = S.Sparse(idx, draw(*idx.shape), d_out)
     return {"lowrank": lr, "kron": kr, "sparse": sp, "sum": S.Sum((lr, sp)),
             # separable bases: complex (Fourier, 2N real rows) around a sum, real (Haar) around sparse
-            "fourier": S.InBasis(S.Sum((lr, sp)), 7.0, rp.fourier_basis().along),
-            "haar": S.InBasis(sp, 0.5, rp.wavelet_basis("haar").along)}
+            "fourier": S.InBasis(S.Sum((lr, sp)), 7.0, rp.fourier_basis()),
+            "haar": S.InBasis(sp, 0.5, rp.wavelet_basis("haar"))}
 
 
 @settings(max_examples=3, deadline=None)

@@ -93,6 +93,28 @@ def test_frozen_holds_keys_not_matrices_and_apply_is_deterministic():
         assert not np.array_equal(first, w)
 
 
+@pytest.mark.parametrize("make", [lambda **kw: rb.vera(6, **kw), lambda **kw: rb.nola(3, 8, 5, **kw),
+                                  lambda **kw: rb.nola(3, 8, 5, chunk=4, **kw), lambda **kw: rb.randlora(5, **kw)],
+                         ids=["vera", "nola", "nola_chunked", "randlora"])
+@pytest.mark.parametrize("shape", [(24, 20), (20, 24)])
+def test_stored_bases_give_the_regenerated_delta_and_gradient(make, shape):
+    """``store_bases=True`` keeps the same bases as arrays (and the key): same ΔW, same gradient."""
+    w = jax.random.normal(KEY, shape)
+    regen, stored = make(), make(store_bases=True)
+    f, tr = regen.init(jax.random.key(1), w)
+    fs, trs = stored.init(jax.random.key(1), w)
+    assert set(fs) == {"base", "key", "bases"} and np.array_equal(jax.random.key_data(fs["key"]),
+                                                                  jax.random.key_data(f["key"]))
+    assert all(isinstance(b, jax.Array) and b.dtype == jnp.float32 for b in fs["bases"])
+    assert "store_bases=True" in stored.name and "store_bases" not in regen.name
+    tr = perturb(tr, jax.random.key(2))
+    np.testing.assert_allclose(stored.delta(fs, tr), regen.delta(f, tr), rtol=1e-5, atol=1e-6)
+    c = jax.random.normal(jax.random.key(3), shape)
+    g_regen = jax.grad(lambda t: jnp.sum(c * regen.delta(f, t)))(tr)
+    g_stored = jax.grad(lambda t: jnp.sum(c * stored.delta(fs, t)))(tr)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_stored, g_regen)
+
+
 # --- counts, rank, scalings -----------------------------------------------------------------------
 
 def test_vera_roberta_base_count_43008():

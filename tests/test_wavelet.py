@@ -116,6 +116,20 @@ def test_fourier_basis_is_linear_not_orthogonal_and_transposes():
     np.testing.assert_allclose(b.inverse(jnp.zeros((6, 10)).at[0, 0].set(60.0)), jnp.ones((6, 10)), atol=1e-5)
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), lead=st.integers(0, 2))
+def test_real_fft_paths_equal_the_complex_transform(m, n, lead):
+    """For real C and G, the real-FFT inverse is ``Re(ifft2(C))`` and the basis's ``adjoint`` is its adjoint,
+    ``⟨inverse(C), G⟩ = ⟨C, adjoint(G)⟩``, for every shape (odd and even sides, stacked)."""
+    b = fourier_basis()
+    shape = (2,) * lead + (m, n)
+    c, g = (jax.random.normal(jax.random.key(i), shape) for i in (0, 1))
+    np.testing.assert_allclose(b.inverse(c), jnp.real(jnp.fft.ifft2(c)), atol=1e-6)
+    np.testing.assert_allclose(b.adjoint(g), jnp.real(jnp.fft.ifft2(g)), atol=1e-6)
+    np.testing.assert_allclose(jnp.sum(b.inverse(c) * g), jnp.sum(c * b.adjoint(g)), atol=1e-5)
+    assert b.inverse(c).shape == b.adjoint(g).shape == shape
+
+
 def test_grad_of_coefficients_is_the_forward_transform():
     """The adjoint is right: ∂⟨G, s·IDWT2(scatter v)⟩/∂v = s·DWT2(G) at the support (orthogonal basis)."""
     w = jax.random.normal(jax.random.key(0), (8, 16))
