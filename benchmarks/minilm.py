@@ -154,44 +154,54 @@ def adapter_bytes(name, params, frozen, trainable, initial) -> tuple[int, str]:
         return dir_size(d), what
 
 
-def child(name: str, mode: str, args) -> dict:
+def model_and_batch(batch: int, seq: int):
+    """``(classifier, params, (ids, mask, labels), loss_fn)``: MiniLM with a fresh 3-way head, the fixed batch."""
     import jax
     import jax.numpy as jnp
+    import optax
+    from experiments.models import bert
+
+    clf, params, _ = bert.minilm_classifier(jax.random.key(0), n_classes=N_CLASSES)
+    batch_ = tuple(jnp.asarray(a, jnp.int32) for a in fixed_batch(batch, seq))
+
+    def loss_fn(p, b, key=None):
+        logits = clf.apply({"params": p}, b[0], b[1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[2]).mean()
+    return clf, jax.block_until_ready(params), batch_, loss_fn
+
+
+def init_method(name: str, clf, params, batch, loss_fn):
+    """``(plan, frozen, trainable)`` of method ``name``: plan + (calibration on the batch, for CorDA / EVA /
+    LoRA-SB / SPT) + ``plan.init``."""
+    import jax
+    import reparam as rp
+    plan = rp.plan(rules_for(name), params)
+    calib = None
+    if plan.calibrated():
+        from experiments import methods as M
+        from experiments.configs import tweets
+        calib = M.calibrate(name, plan, tweets.get_config(), model=clf, params=params, batches=[batch],
+                            loss_fn=loss_fn, inputs=lambda b: (b[0], b[1]))
+    return plan, *jax.block_until_ready(plan.init(jax.random.key(1), params, calib))
+
+
+def child(name: str, mode: str, args) -> dict:
+    import jax
     import numpy as np
     import optax
 
     import reparam as rp
     from benchmarks.timing import median, peak_bytes, run_steps
-    from experiments.models import bert
 
     t0 = time.perf_counter()
-    clf, params, _ = bert.minilm_classifier(jax.random.key(0), n_classes=N_CLASSES)
-    jax.block_until_ready(params)
+    clf, params, batch, loss_fn = model_and_batch(args.batch, args.seq)
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ids, mask, labels = (jnp.asarray(a, jnp.int32) for a in fixed_batch(args.batch, args.seq))
-    batch = (ids, mask, labels)
-
-    def loss_fn(p, b, key=None):
-        logits = clf.apply({"params": p}, b[0], b[1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b[2]).mean()
-
-    def init():
-        """plan + (calibration on the batch, for CorDA / EVA / LoRA-SB / SPT) + plan.init."""
-        plan = rp.plan(rules_for(name), params)
-        calib = None
-        if plan.calibrated():
-            from experiments import methods as M
-            from experiments.configs import tweets
-            calib = M.calibrate(name, plan, tweets.get_config(), model=clf, params=params, batches=[batch],
-                                loss_fn=loss_fn, inputs=lambda b: (b[0], b[1]))
-        return plan, *jax.block_until_ready(plan.init(jax.random.key(1), params, calib))
 
     t0 = time.perf_counter()
-    plan, frozen, trainable = init()
+    plan, frozen, trainable = init_method(name, clf, params, batch, loss_fn)
     init_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    init()
+    init_method(name, clf, params, batch, loss_fn)
     init_warm_s = time.perf_counter() - t0
     initial = None if name == "full" else jax.tree.map(np.array, trainable)   # the step donates `trainable`
 
