@@ -316,7 +316,7 @@ def plot(rows, path):
     panels = [("step_ms", "step ms (lower is better)", None), ("init_warm_s", "init s, warm", None),
               ("adapter_bytes", "adapter file MB", 2 ** 20)]
     x = np.arange(len(labels))
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.1 * len(labels) * 3), 3.8))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.5 * len(labels)), 10))
     for ax, (key, title, div) in zip(axes, panels):
         for off, side, colour in ((-0.2, "reparam", "tab:blue"), (0.2, "peft", "tab:orange")):
             v = values(side, key) / (div or 1)

@@ -109,8 +109,8 @@ def _in_basis_grad(s: InBasis, x, g, dw):
     Low rank / Kronecker inner parts take it from the rows transformed by the basis, ``dC = s·Re(t(x)ᵀ t(g))``
     (``N·d·log d`` for the transforms, then their rank-r products): never ``xᵀg``. Sparse inner parts
     read ``dC`` at their support from the layer's one ``dW = xᵀg`` (``dw()``) mapped by the basis's 2-D
-    adjoint, ``s·Re(T_inᵀ dW T_out)`` (:meth:`InBasis.adjoint`): on CPU that GEMM beats gathering ``N·k`` products. A complex ``T`` (Fourier) uses
-    ``Re(aᵀb) = Re(a)ᵀRe(b) - Im(a)ᵀIm(b)``: ``2N`` real rows."""
+    adjoint, ``s·Re(T_inᵀ dW T_out)`` (:meth:`InBasis.adjoint`): on CPU that GEMM beats gathering ``N·k``
+    products. A complex ``T`` (Fourier) uses ``Re(aᵀb) = Re(a)ᵀRe(b) - Im(a)ᵀIm(b)``: ``2N`` real rows."""
     t = s.along[0]
     f32 = jnp.promote_types(x.dtype, jnp.float32)
     xt, gt = t(x.astype(f32)), t(g.astype(f32))

@@ -66,7 +66,7 @@ class InBasis:
     """
     inner: object
     scale: float = struct.field(pytree_node=False)
-    basis: tuple = struct.field(pytree_node=False)
+    basis: tuple = struct.field(pytree_node=False)          # a reparam.core.Basis (a NamedTuple)
 
     @property
     def along(self) -> tuple:

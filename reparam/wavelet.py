@@ -143,7 +143,7 @@ def dct_basis() -> Basis:
 def _re_ifft2(c):
     """``Re(ifft2(C))``; for a real ``C`` by one real-output FFT: ``Re(ifft2(C)) = ifft2((C + C̃)/2)``,
     and ``(C + C̃)/2`` is real and even, so Hermitian: ``irfft2`` of its first ``n//2 + 1`` columns
-    (a third of the complex ``ifft2``'s time for a 384x1536 ``C`` on CPU)."""
+    (about half the complex ``ifft2``'s time for a 384x1536 ``C`` on CPU)."""
     if jnp.iscomplexobj(c):
         return jnp.real(jnp.fft.ifft2(c, axes=(-2, -1)))
     c = _float(c)
