@@ -309,7 +309,7 @@ def plot(rows, path):
         for lab in labels:
             m, _, mode = lab.partition("@")
             r = next((r for r in ok if r["side"] == side and r["method"] == m
-                      and (side == "peft" or r["matmul"] == (mode or "auto"))), None)
+                      and (not mode if side == "peft" else r["matmul"] == (mode or "auto"))), None)
             out.append(np.nan if r is None else r[key])
         return np.array(out, float)
 
