@@ -35,6 +35,8 @@ lacks are blank on the PEFT side. After the methods PEFT has (``PEFT_TOO``; PEFT
 random mask: 2.1% of a 384 x 384 kernel, ours 2%), the default sweep runs every other method of
 ``experiments.methods.METHODS`` on the reparam side with the runner's hyperparameters
 (experiments/configs/tweets.py); the calibrated ones (CorDA, EVA, LoRA-SB, SPT) calibrate on the batch.
+For ratios between reparam's methods without the process-to-process noise, see ``benchmarks/minilm_ratios.py``
+(every method in one process, timed round-robin).
 """
 from __future__ import annotations
 
