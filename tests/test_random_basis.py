@@ -107,6 +107,7 @@ def test_stored_bases_give_the_regenerated_delta_and_gradient(make, shape):
                                                                   jax.random.key_data(f["key"]))
     assert all(isinstance(b, jax.Array) and b.dtype == jnp.float32 for b in fs["bases"])
     assert "store_bases=True" in stored.name and "store_bases" not in regen.name
+    jax.tree_util.tree_map(np.testing.assert_array_equal, trs, tr)            # the same trainables at init
     tr = perturb(tr, jax.random.key(2))
     np.testing.assert_allclose(stored.delta(fs, tr), regen.delta(f, tr), rtol=1e-5, atol=1e-6)
     c = jax.random.normal(jax.random.key(3), shape)
