@@ -1,0 +1,104 @@
+"""The CPU sampled product (SDDMM) equals the dense ``xᵀg`` read at the support, and the hot path uses it."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reparam as rp
+from reparam import matmul as mm
+from reparam import sampled
+from reparam import structure as S
+from tests.test_matmul import _dot_shapes
+
+
+def test_the_kernel_is_available_in_ci():
+    """numba is a dependency: without it the CPU path would silently fall back to the dense GEMM."""
+    assert sampled.available()
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0),
+       st.sampled_from([jnp.float32, jnp.bfloat16]), st.integers(0, 2 ** 16))
+def test_sampled_dot_equals_the_dense_product_at_the_support(n, d_in, d_out, frac, dtype, seed):
+    """For every token count (across the 8-row strips and 256-token blocks), shape, support size and
+    input dtype: v[k] = (xᵀg).flat[idx[k]] in float32."""
+    g_ = np.random.default_rng(seed)
+    size = d_in * d_out
+    idx = np.sort(g_.choice(size, 1 + int(frac * (size - 1)), replace=False)).astype(np.int32)
+    x = jnp.asarray(g_.standard_normal((n, d_in)), dtype)
+    g = jnp.asarray(g_.standard_normal((n, d_out)), dtype)
+    got = jax.jit(sampled.sampled_dot)(x, g, jnp.asarray(idx))
+    ref = (np.asarray(x, np.float64).T @ np.asarray(g, np.float64)).reshape(-1)[idx]
+    assert got.dtype == jnp.float32 and got.shape == idx.shape
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+
+
+def test_choose_falls_back_to_dense():
+    """``use=False`` and a missing kernel both take the dense branch; the staged choice runs the CPU one."""
+    x, g = jnp.ones((3, 2)), jnp.ones((3, 4))
+    cpu, dense = (lambda x, g: x.sum() + 1), (lambda x, g: x.sum() + 2)
+    assert float(sampled.choose((x, g), cpu, dense, use=False)) == 8.0
+    assert float(jax.jit(lambda x, g: sampled.choose((x, g), cpu, dense))(x, g)) == 7.0
+
+
+def _sparse(seed, d_in, d_out, density):
+    g = np.random.default_rng(seed)
+    idx = np.sort(g.choice(d_in * d_out, max(1, int(density * d_in * d_out)), replace=False)).astype(np.int32)
+    return S.Sparse(jnp.asarray(idx), jnp.asarray(g.standard_normal(idx.shape), jnp.float32), d_out)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "sum", "haar", "scaled"])
+def test_low_density_gradients_match_autodiff(kind):
+    """At a support of 2% (under SAMPLED_MAX_DENSITY) the hot path's gradients, now from the kernel,
+    equal plain autodiff through the materialised weight."""
+    d_in, d_out, n = 40, 48, 300
+    sp = _sparse(0, d_in, d_out, 0.02)
+    lr = S.LowRank(jax.random.normal(jax.random.key(5), (d_in, 2)), jax.random.normal(jax.random.key(6), (2, d_out)))
+    s = {"sparse": sp, "sum": S.Sum((lr, sp)), "haar": S.InBasis(sp, 0.5, rp.wavelet_basis("haar")),
+         "scaled": S.Scaled(S.Sum((lr, sp)), 1.0 + 0.1 * jnp.arange(d_out, dtype=jnp.float32))}[kind]
+    base = jax.random.normal(jax.random.key(1), (d_in, d_out))
+    x = jax.random.normal(jax.random.key(2), (n, d_in))
+    g = jax.random.normal(jax.random.key(3), (n, d_out))
+
+    def weight(s):
+        if isinstance(s, S.Scaled):
+            return (base + S.dense(s.inner, base.shape)) * s.c
+        return base + S.dense(s, base.shape)
+    ref = jax.grad(lambda x, s: jnp.sum((x @ weight(s)) * g), argnums=(0, 1), allow_int=True)(x, s)
+    got = jax.jit(jax.grad(lambda x, s: jnp.sum(mm.structured_matmul(x, base, s, factored=False) * g),
+                           argnums=(0, 1), allow_int=True))(x, s)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(b, a, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("method, kernel, expect_full_grad", [
+    ("sparse", True, False), ("waveft", True, False),
+    ("sparse", False, True)])                                     # without the kernel: xᵀg, so the check can fail
+def test_sparse_step_uses_the_kernel_not_the_weight_gradient(method, kernel, expect_full_grad, monkeypatch):
+    """The compiled sparse (WaveFT) step on CPU calls the kernel and has no dot contracting over the
+    tokens into a [d_in, d_out] result."""
+    if not kernel:
+        monkeypatch.setattr(sampled, "available", lambda: False)
+    d_in, d_out, n = 24, 40, 56
+    params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (d_in, d_out)), "bias": jnp.zeros(d_out)}}
+    t = {"sparse": rp.sparse.random(density=0.02), "waveft": rp.waveft(k=20)}[method]
+    plan = rp.plan([(r"layer/kernel", t)], params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(d_out, name="layer")(x)
+    net = Net()
+    loss = lambda p, b, rng: jnp.mean(net.apply({"params": p}, b) ** 2)
+    step = rp.train.make_train_step(plan, loss, optax.sgd(0.1), donate=False)
+    state = rp.train.init_state(trainable, optax.sgd(0.1), jax.random.key(2))
+    hlo = step.lower(state, frozen, jnp.ones((n, d_in))).compile().as_text()
+    assert (sampled.TARGET in hlo) == kernel
+    full = [d for d in _dot_shapes(hlo) if sorted(d[0]) == sorted((d_in, d_out)) and n in d[1]]
+    assert bool(full) == expect_full_grad, full
