@@ -13,7 +13,8 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    structure's arrays straight from the layer's input x and output cotangent g:
                    low rank ΔW = L@R:         dL = xᵀ(gRᵀ), dR = (xL)ᵀg          (rank-r products; for
                                               ranks above ~d·k/(2(d+k)), e.g. VeRA, from one xᵀg GEMM)
-                   Kronecker ΔW = Σ A_k⊗B_k:  the vec trick on x, g [N, a·b]
+                   Kronecker ΔW = Σ A_k⊗B_k:  dA_k = Σ_n X_n B_k G_nᵀ, dB_k = Σ_n X_nᵀ A_k G_n with x, g
+                                              rows as matrices (small factors; else the vec trick / xᵀg)
                    sparse ΔW[i_k, j_k] = v_k: dv_k = Σ_n x[n, i_k] g[n, j_k]   (N·k: on CPU the
                    sampled product of reparam.sampled; elsewhere read off one xᵀg GEMM)
               scaled W = (W0 + inner)·diag(c) (DoRA): with z = x @ (W0 + inner),
@@ -91,7 +92,8 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
 
     Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick), or of
     ``dense`` at ``dW`` where that is cheaper (low rank: :func:`lowrank_grad_by_gemm`; Kronecker: from
-    ``KRON_GEMM_TOKENS`` tokens). Sparse: ``dv_k = Σ_n x[n, i_k] g[n, j_k]``, by the sampled product
+    ``KRON_GEMM_TOKENS`` tokens), or for small Kronecker factors per-token products
+    (:func:`kron_grad_batched`). Sparse: ``dv_k = Σ_n x[n, i_k] g[n, j_k]``, by the sampled product
     (:func:`reparam.sampled.sampled_dot`) where ``sampled_ok`` (the CPU branch of :func:`_grad`) and the
     support is at most ``SAMPLED_MAX_DENSITY`` of the weight, else ``dW[idx]`` from one dense
     ``dW = xᵀg`` (``dw()``, shared by all sparse parts).
@@ -104,12 +106,44 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
         if sampled_ok and s.idx.shape[-1] <= SAMPLED_MAX_DENSITY * x.shape[1] * g.shape[1]:
             return s.replace(idx=None, values=sampled.sampled_dot(x, g, s.idx).astype(s.values.dtype))
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
-    if (isinstance(s, Kron) and x.shape[0] >= KRON_GEMM_TOKENS) or \
+    if isinstance(s, Kron) and kron_grad_batched(s, x.shape[1], g.shape[1]):
+        return _kron_grad(s, x, g)
+    if isinstance(s, Kron) or \
             (isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], x.shape[0], x.shape[1], g.shape[1])):
         _, pull = jax.vjp(lambda s_: dense(s_, (x.shape[1], g.shape[1])), s)
         return pull(dw())[0]
     _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
     return pull(g)[0]
+
+
+def kron_grad_batched(s: Kron, d_in: int, d_out: int) -> bool:
+    """Whether :func:`_kron_grad` takes ``Σ_k a_k ⊗ b_k``'s gradient: while its per-token products
+    (``K·(a1·a2 + b1·b2)`` floats a token) stay within ``2·(d_in + d_out)`` -- LoKr's and KronA's one
+    pair of near-√d factors, not Compacter's ``K = 4`` terms with ``b [d_in/4, d_out/4]`` nor SoKA's
+    ``K = r`` terms, whose batched products outgrow the ``xᵀg`` GEMM."""
+    (k, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+    return k * (a1 * a2 + b1 * b2) <= 2 * (d_in + d_out)
+
+
+def _kron_grad(s: Kron, x, g):
+    """``da_k = Σ_n X_n b_k G_nᵀ`` and ``db_k = Σ_n X_nᵀ a_k G_n`` for ``ΔW = Σ_k a_k ⊗ b_k``, with token
+    ``n``'s row of ``x`` as ``X_n [a1, b1]`` and of ``g`` as ``G_n [a2, b2]`` (row-major reshapes, no copies).
+
+    One GEMM over all tokens (``G·b_kᵀ``, ``X·a_k``), then a batch of per-token ``[a1, b1] x [b1, a2·K]``
+    (``[b1·K, a2] x [a2, b2]``) products summed over ``n``: ``N·K·(d_in·a2 + a1·d_out)`` multiply-adds
+    each for ``da`` and ``db``. XLA:CPU runs this 2.3-2.5x faster than one ``xᵀg`` GEMM projected onto
+    the factors (MiniLM's 384x1536 at 2048 tokens: 7.4 vs 18.9 ms), which never transposes x or g."""
+    (k, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+    n, f32 = x.shape[0], jnp.float32
+    xs, gs = x.reshape(n, a1, b1), g.reshape(n, a2, b2)
+    a, b = s.a.astype(x.dtype), s.b.astype(g.dtype)
+    dot = lambda u, v, dims: jax.lax.dot_general(u, v, dims, preferred_element_type=f32)
+    gb = dot(gs, b, (((2,), (2,)), ((), ()))).reshape(n, a2 * k, b1)          # [n, j·k, p] = Σ_q G b_k
+    xa = dot(xs, a, (((1,), (1,)), ((), ()))).reshape(n, b1 * k, a2)          # [n, p·k, j] = Σ_i X a_k
+    da = dot(xs, gb.astype(x.dtype), (((2,), (2,)), ((0,), (0,)))).sum(0)     # [i, j·k]
+    db = dot(xa.astype(x.dtype), gs, (((2,), (1,)), ((0,), (0,)))).sum(0)     # [p·k, q]
+    return s.replace(a=da.reshape(a1, a2, k).transpose(2, 0, 1).astype(s.a.dtype),
+                     b=db.reshape(b1, k, b2).transpose(1, 0, 2).astype(s.b.dtype))
 
 
 def _in_basis_grad(s: InBasis, x, g, dw, sampled_ok: bool = False):
