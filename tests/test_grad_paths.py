@@ -1,10 +1,8 @@
 """The hot path's gradient paths that avoid ``xᵀg``: the CPU sampled product (SDDMM) for sparse supports and
 the per-token products for small Kronecker factors equal the dense results, and the compiled step uses them."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +11,6 @@ import reparam as rp
 from reparam import matmul as mm
 from reparam import sampled
 from reparam import structure as S
-from tests.test_matmul import _dot_shapes
 
 
 def test_the_kernel_is_available_in_ci():
@@ -75,34 +72,6 @@ def test_low_density_gradients_match_autodiff(kind):
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(b, a, atol=2e-4, rtol=2e-4)
-
-
-@pytest.mark.parametrize("method, kernel, expect_full_grad", [
-    ("sparse", True, False), ("waveft", True, False),
-    ("sparse", False, True)])                                     # without the kernel: xᵀg, so the check can fail
-def test_sparse_step_uses_the_kernel_not_the_weight_gradient(method, kernel, expect_full_grad, monkeypatch):
-    """The compiled sparse (WaveFT) step on CPU calls the kernel and has no dot contracting over the
-    tokens into a [d_in, d_out] result."""
-    if not kernel:
-        monkeypatch.setattr(sampled, "available", lambda: False)
-    d_in, d_out, n = 24, 40, 56
-    params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (d_in, d_out)), "bias": jnp.zeros(d_out)}}
-    t = {"sparse": rp.sparse.random(density=0.02), "waveft": rp.waveft(k=20)}[method]
-    plan = rp.plan([(r"layer/kernel", t)], params)
-    frozen, trainable = plan.init(jax.random.key(1), params)
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(d_out, name="layer")(x)
-    net = Net()
-    loss = lambda p, b, rng: jnp.mean(net.apply({"params": p}, b) ** 2)
-    step = rp.train.make_train_step(plan, loss, optax.sgd(0.1), donate=False)
-    state = rp.train.init_state(trainable, optax.sgd(0.1), jax.random.key(2))
-    hlo = step.lower(state, frozen, jnp.ones((n, d_in))).compile().as_text()
-    assert (sampled.TARGET in hlo) == kernel
-    full = [d for d in _dot_shapes(hlo) if sorted(d[0]) == sorted((d_in, d_out)) and n in d[1]]
-    assert bool(full) == expect_full_grad, full
 
 
 @settings(max_examples=10, deadline=None)

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 import reparam as rp
 from reparam import matmul as mm
+from reparam import sampled
 from reparam import structure as S
 from tests.methods import METHODS, calib_for, normal, perturb
 
@@ -205,16 +206,23 @@ def _dot_shapes(hlo: str):
     return out
 
 
-@pytest.mark.parametrize("method, mode, expect_full_grad", [
-    ("lora", "auto", False), ("lora", "autodiff", True),
-    ("wara", "auto", False), ("wara", "autodiff", True),          # low rank in the (separable) Haar basis
-    ("fourierft", "auto", True)])                                 # sparse: its support read off one xᵀg GEMM
-def test_hot_step_never_forms_the_weight_gradient(method, mode, expect_full_grad):
-    """The compiled LoRA (WaRA) step has no dot contracting over the tokens into a [d_in, d_out] result
-    (xᵀg); plain autodiff through the materialised weight has one -- so the check can fail."""
+@pytest.mark.parametrize("method, mode, kernel, expect_full_grad", [
+    ("lora", "auto", True, False), ("lora", "autodiff", True, True),
+    ("wara", "auto", True, False), ("wara", "autodiff", True, True),  # low rank in the (separable) Haar basis
+    ("fourierft", "auto", True, True),                        # sparse in a complex basis: read off one xᵀg GEMM
+    ("sparse", "auto", True, False), ("waveft", "auto", True, False),   # the CPU sampled-product kernel
+    ("sparse", "auto", False, True)])                         # without the kernel: xᵀg
+def test_hot_step_never_forms_the_weight_gradient(method, mode, kernel, expect_full_grad, monkeypatch):
+    """The compiled LoRA (WaRA, sparse, WaveFT) step has no dot contracting over the tokens into a
+    [d_in, d_out] result (xᵀg); plain autodiff through the materialised weight has one, and so has a
+    sparse step without the sampled-product kernel -- so the check can fail. The sparse steps call the
+    kernel exactly when it is available."""
+    if not kernel:
+        monkeypatch.setattr(sampled, "available", lambda: False)
     d_in, d_out, n = 24, 40, 56
     params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (d_in, d_out)), "bias": jnp.zeros(d_out)}}
-    t = {"lora": rp.lora(4), "wara": rp.wara(4), "fourierft": rp.fourierft(n=30)}[method]
+    t = {"lora": rp.lora(4), "wara": rp.wara(4), "fourierft": rp.fourierft(n=30), "waveft": rp.waveft(k=20),
+         "sparse": rp.sparse.random(density=0.02)}[method]
     plan = rp.plan([(r"layer/kernel", t)], params)
     frozen, trainable = plan.init(jax.random.key(1), params)
 
@@ -230,6 +238,7 @@ def test_hot_step_never_forms_the_weight_gradient(method, mode, expect_full_grad
     hlo = step.lower(state, frozen, x).compile().as_text()
     full_grads = [d for d in _dot_shapes(hlo) if sorted(d[0]) == sorted((d_in, d_out)) and n in d[1]]
     assert bool(full_grads) == expect_full_grad, full_grads
+    assert (sampled.TARGET in hlo) == (kernel and method in ("sparse", "waveft"))
 
 
 def test_unrecognised_call_is_still_correct():
