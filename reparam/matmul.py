@@ -82,8 +82,9 @@ def lowrank_grad_by_gemm(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
 
 
 # Up to this density a sparse part's gradient is the CPU sampled product (``N·k`` multiply-adds on one
-# thread, plus XLA's transposes of x and g) rather than read off the dense ``xᵀg`` (``N·d_in·d_out`` on
-# the whole pool): 384x1536 at 2048 tokens, 2% support: 7.6 vs 19 ms; 0.5%: 6.4 vs 19 ms.
+# thread, plus its blocked transposes of x and g) rather than read off the dense ``xᵀg`` (``N·d_in·d_out``
+# on the whole pool). 384x1536 at 2048 tokens (benchmarks/grad_paths.py): 0.5% 9.9 vs 21 ms, 2% 9.1 vs
+# 20 ms, 5% 17.6 vs 19.4 ms -- about even there, while the kernel leaves the other core to the step.
 SAMPLED_MAX_DENSITY = 0.05
 
 
