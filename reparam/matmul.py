@@ -67,9 +67,11 @@ def _materialised_fwd(x, base, s):
     return x @ w, (x, w, s)
 
 
-# From this many tokens per call, a Kronecker factor's gradient is taken from one dW = xᵀg GEMM (projected
-# onto A and B) rather than the vec trick: fewer FLOPs, but slower and larger on XLA:CPU at 1024+ tokens
-# (benchmarks/hot_path.py, 768² LoKr: 29 vs 37 ms autodiff at 1024, 230 vs 164 ms at 4096).
+# From this many tokens per call, Kronecker factors too large for the per-token products
+# (:func:`kron_grad_batched`: Compacter, SoKA) take their gradient from one dW = xᵀg GEMM (projected onto A
+# and B) rather than the vec trick: fewer FLOPs, but slower and larger on XLA:CPU at 1024+ tokens
+# (benchmarks/hot_path.py before the per-token path, 768² LoKr: 29 vs 37 ms autodiff at 1024, 230 vs 164 ms
+# at 4096).
 KRON_GEMM_TOKENS = 512
 
 
