@@ -11,6 +11,7 @@ import reparam as rp
 from reparam import matmul as mm
 from reparam import sampled
 from reparam import structure as S
+from tests.test_matmul import assert_hot_gradients_match_autodiff
 
 
 def test_the_kernel_is_available_in_ci():
@@ -61,17 +62,7 @@ def test_low_density_gradients_match_autodiff(kind):
     base = jax.random.normal(jax.random.key(1), (d_in, d_out))
     x = jax.random.normal(jax.random.key(2), (n, d_in))
     g = jax.random.normal(jax.random.key(3), (n, d_out))
-
-    def weight(s):
-        if isinstance(s, S.Scaled):
-            return (base + S.dense(s.inner, base.shape)) * s.c
-        return base + S.dense(s, base.shape)
-    ref = jax.grad(lambda x, s: jnp.sum((x @ weight(s)) * g), argnums=(0, 1), allow_int=True)(x, s)
-    got = jax.jit(jax.grad(lambda x, s: jnp.sum(mm.structured_matmul(x, base, s, factored=False) * g),
-                           argnums=(0, 1), allow_int=True))(x, s)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(b, a, atol=2e-4, rtol=2e-4)
+    assert_hot_gradients_match_autodiff(s, base, x, g, tol=2e-4)
 
 
 @settings(max_examples=10, deadline=None)
@@ -102,7 +93,4 @@ def test_kron_rule_takes_lokr_factors_not_compacter_terms():
     assert mm.kron_grad_batched(s, 20, 24)
     base = jax.random.normal(jax.random.key(2), (20, 24))
     x, g = jax.random.normal(jax.random.key(3), (700, 20)), jax.random.normal(jax.random.key(4), (700, 24))
-    ref = jax.grad(lambda s: jnp.sum(x @ (base + S.dense(s, base.shape)) * g))(s)
-    got = jax.grad(lambda s: jnp.sum(mm.structured_matmul(x, base, s, factored=False) * g))(s)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-4)
+    assert_hot_gradients_match_autodiff(s, base, x, g, tol=1e-3)
