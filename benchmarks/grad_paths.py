@@ -1,4 +1,4 @@
-"""How the hot path takes a sparse or Kronecker weight's gradient: each way, timed on MiniLM's kernels.
+"""How the hot path takes a sparse, FourierFT or Kronecker weight's gradient: each way, timed on MiniLM's kernels.
 
     python -m benchmarks.grad_paths            # table + benchmarks/results/grad_paths.{json,md}
     python -m benchmarks.grad_paths --quick    # one shape, fewer repeats
@@ -10,6 +10,9 @@ MiniLM benchmark's batch of 32x64 = 2048 tokens), the gradient of the adapter fr
 - sparse, ``dv_k = Σ_n x[n, i_k] g[n, j_k]`` at a support of ``density``: ``dense`` reads it off the
   full ``xᵀg`` GEMM (the path off CPU), ``gather`` gathers the ``2k`` columns (plain XLA), ``kernel``
   is :func:`reparam.sampled.sampled_dot` (the CPU path);
+- FourierFT, ``n = 1000`` frequencies of ``s·Re(ifft2(C))``: ``dense`` maps ``xᵀg`` by the real-FFT
+  2-D adjoint and reads the support (the path off CPU), ``half`` samples the rows' real-FFT half
+  spectra with the kernel (:func:`reparam.matmul._half_spectrum_grad`, the CPU path);
 - Kronecker ``ΔW = a ⊗ b`` (LoKr / KronA factors): ``dense`` projects ``xᵀg`` onto ``a`` and ``b``,
   ``vec`` is autodiff of the vec-trick matvec, ``batched`` is the hot path's per-token products.
 
@@ -64,6 +67,21 @@ def sparse_rows(d_in, d_out, n, repeats):
     return rows
 
 
+def fourier_rows(d_in, d_out, n, repeats, k=1000):
+    import reparam as rp
+    rng = np.random.default_rng(2)
+    idx = jnp.asarray(np.sort(rng.choice(d_in * d_out, k, replace=False)), jnp.int32)
+    s = S.InBasis(S.Sparse(idx, jnp.zeros(k), d_out), 300.0, rp.fourier_basis())
+    x = jnp.asarray(rng.standard_normal((n, d_in)), jnp.float32)
+    h = jnp.asarray(rng.standard_normal((n, d_out)), jnp.float32)
+    ways = {"dense": lambda x, h: s.scale * s.adjoint(x.T @ jnp.tanh(h)).reshape(-1)[idx],
+            "half": lambda x, h: mm._half_spectrum_grad(s, x, jnp.tanh(h))}
+    ms = {k_: timed(f, x, h, repeats=repeats) for k_, f in ways.items()}
+    print(f"fourier {d_in}x{d_out} n {k}  " + "  ".join(f"{k_} {v:7.2f}" for k_, v in ms.items()), flush=True)
+    return [{"kind": "fourierft", "shape": [d_in, d_out], "tokens": n, "k": k, "ms": ms,
+             "speedup_vs_dense": ms["dense"] / ms["half"]}]
+
+
 def kron_rows(d_in, d_out, n, repeats):
     from reparam.kronecker import factorization
     (a1, b1), (a2, b2) = factorization(d_in), factorization(d_out)
@@ -91,7 +109,8 @@ def kron_rows(d_in, d_out, n, repeats):
 def markdown(rows) -> str:
     out = ["| structure | kernel | tokens | support | ways (ms) | fastest vs dense xᵀg |", "|---|---|---|---|---|---|"]
     for r in rows:
-        sup = f"{100 * r['density']:g}% ({r['k']})" if r["kind"] == "sparse" else f"a {r['a']}, b {r['b']}"
+        sup = {"sparse": lambda: f"{100 * r['density']:g}% ({r['k']})", "fourierft": lambda: f"n = {r['k']}",
+               "kron": lambda: f"a {r['a']}, b {r['b']}"}[r["kind"]]()
         ways = ", ".join(f"{k} {v:.2f}" for k, v in r["ms"].items())
         out.append(f"| {r['kind']} | {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {sup} | {ways} | "
                    f"{r['speedup_vs_dense']:.2f}x |")
@@ -109,7 +128,8 @@ def main():
     repeats = 3 if args.quick else args.repeats
     rows = []
     for d_in, d_out in shapes:
-        rows += sparse_rows(d_in, d_out, args.tokens, repeats) + kron_rows(d_in, d_out, args.tokens, repeats)
+        rows += sparse_rows(d_in, d_out, args.tokens, repeats) + fourier_rows(d_in, d_out, args.tokens, repeats) \
+            + kron_rows(d_in, d_out, args.tokens, repeats)
     md = markdown(rows)
     print("\n" + md)
     os.makedirs(args.out, exist_ok=True)

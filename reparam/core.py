@@ -201,12 +201,18 @@ class Basis(NamedTuple):
     ``inverse`` on real coefficients (a sparse coefficient matrix's gradient is it at the weight's
     gradient, read at the support). ``None``: computed with ``t`` along both axes. A basis gives it where
     a 2-D transform does it faster (``forward`` for an orthogonal basis; a real FFT for the DFT).
+
+    ``half``, optional with a complex ``along``: for a Hermitian ``t`` (a real row's ``t(v)[d - u] =
+    conj(t(v)[u])``, as the DFT's), ``v ↦ (h, c)`` with ``t(v)[..., u] = c·conj(h[..., u])`` for
+    ``u ≤ d//2``: the half spectrum, ``d//2 + 1`` complex columns (a real FFT for the DFT). A sparse
+    coefficient matrix then samples its gradient from the half spectra of ``x`` and ``g``.
     """
     forward: Callable[[Array], Array]
     inverse: Callable[[Array], Array]
     name: str
     along: Optional[tuple[Callable[[Array], Array], Callable[[Array], Array]]] = None
     adjoint: Optional[Callable[[Array], Array]] = None
+    half: Optional[Callable[[Array], tuple[Array, float]]] = None
 
 
 def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:

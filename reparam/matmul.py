@@ -21,7 +21,8 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    dc = Σ_n g ∘ z, and the inner structure's gradient at g·c
               in a separable basis ΔW = s·Re(T_in C T_outᵀ) (FourierFT, WaveFT, WaRA): the inner
                    structure's gradient at the transformed rows t(x), s·t(g) (an FFT / one DWT level
-                   per row); a sparse C reads s·Re(T_inᵀ (xᵀg) T_out) at its support
+                   per row); a sparse C in the DFT basis samples the real FFTs' half spectra (CPU),
+                   elsewhere reads s·Re(T_inᵀ (xᵀg) T_out) at its support
 
 The cheaper forward is chosen per call from the shapes and the tokens ``N``
 (:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
@@ -85,8 +86,8 @@ def lowrank_grad_by_gemm(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
 
 # Up to this density a sparse part's gradient is the CPU sampled product (``N·k`` multiply-adds on one
 # thread, plus its blocked transposes of x and g) rather than read off the dense ``xᵀg`` (``N·d_in·d_out``
-# on the whole pool). 384x1536 at 2048 tokens (benchmarks/grad_paths.py): 0.5% 9.9 vs 21 ms, 2% 9.1 vs
-# 20 ms, 5% 17.6 vs 19.4 ms -- about even there, while the kernel leaves the other core to the step.
+# on the whole pool). 384x1536 at 2048 tokens (benchmarks/grad_paths.py): 0.5% 4.7 vs 21 ms, 2% 7.7 vs
+# 19 ms, 5% 14 vs 21 ms -- the gain narrowing, while the kernel's k dot products grow.
 SAMPLED_MAX_DENSITY = 0.05
 
 
@@ -106,7 +107,7 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
     if isinstance(s, InBasis):
         return s.replace(inner=_in_basis_grad(s, x, g, dw, sampled_ok))
     if isinstance(s, Sparse):
-        if sampled_ok and s.idx.shape[-1] <= SAMPLED_MAX_DENSITY * x.shape[1] * g.shape[1]:
+        if sampled_ok and _sampled_fits(s, x, g):
             return s.replace(idx=None, values=sampled.sampled_dot(x, g, s.idx).astype(s.values.dtype))
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
     if isinstance(s, Kron) and kron_grad_batched(s, x.shape[1], g.shape[1]):
@@ -155,17 +156,44 @@ def _in_basis_grad(s: InBasis, x, g, dw, sampled_ok: bool = False):
 
     Low rank / Kronecker inner parts take it from the rows transformed by the basis, ``dC = s·Re(t(x)ᵀ t(g))``
     (``N·d·log d`` for the transforms, then their rank-r products): never ``xᵀg``. Sparse inner parts
-    take the sampled product of those rows on CPU (a real basis: WaveFT); otherwise (Fourier, GPU/TPU)
-    they read ``dC`` at their support from the layer's one ``dW = xᵀg`` (``dw()``) mapped by the basis's
-    2-D adjoint, ``s·Re(T_inᵀ dW T_out)`` (:meth:`InBasis.adjoint`). A complex ``T`` (Fourier) uses
-    ``Re(aᵀb) = Re(a)ᵀRe(b) - Im(a)ᵀIm(b)``: ``2N`` real rows."""
+    take the sampled product on CPU: of those rows in a real basis (WaveFT), of the half spectra in a
+    Hermitian one (the DFT: FourierFT, :func:`_half_spectrum_grad`). Otherwise (GPU/TPU, or a dense
+    support) they read ``dC`` at their support from the layer's one ``dW = xᵀg`` (``dw()``) mapped by the
+    basis's 2-D adjoint, ``s·Re(T_inᵀ dW T_out)`` (:meth:`InBasis.adjoint`). A complex ``T`` (Fourier)
+    with a low-rank inner part uses ``Re(aᵀb) = Re(a)ᵀRe(b) - Im(a)ᵀIm(b)``: ``2N`` real rows."""
+    if sampled_ok and s.basis.half is not None and isinstance(s.inner, Sparse) and _sampled_fits(s.inner, x, g):
+        return s.inner.replace(idx=None, values=_half_spectrum_grad(s, x, g).astype(s.inner.values.dtype))
     t = s.along[0]
     f32 = jnp.promote_types(x.dtype, jnp.float32)
     xt, gt = t(x.astype(f32)), t(g.astype(f32))
     if jnp.iscomplexobj(xt):
         xt, gt = jnp.concatenate([xt.real, xt.imag]), jnp.concatenate([gt.real, -gt.imag])
-        sampled_ok = False      # 2N complex-FFT'd rows cost more than the dense xᵀg's real-FFT adjoint
+        sampled_ok = False      # 2N complex rows cost more than the dense xᵀg's real-FFT adjoint
     return _structure_grad(s.inner, xt, s.scale * gt, _lazy(lambda: s.scale * s.adjoint(dw())), sampled_ok)
+
+
+def _half_spectrum_grad(s: InBasis, x, g):
+    """``dC_k = s·Re(Σ_n t(x)[n, u_k] t(g)[n, v_k])`` at a sparse ``C``'s support, for a Hermitian basis
+    (``s.basis.half``: the DFT) by one sampled product of the half spectra ``h(x) [N, d_in//2 + 1]``,
+    ``h(g)`` -- complex, read by the kernel as interleaved real and imaginary columns.
+
+    Column ``u > d//2`` of ``t(x)`` is ``conj`` of column ``d - u``, so with ``u' = min(u, d - u)``,
+    ``t(x)[u] = c·conj^{[u ≤ d/2]}(h[u'])``; and ``Re(conj^a(p) conj^b(q))`` is ``Re p Re q - Im p Im q``
+    when ``a == b``, ``+`` otherwise: ``2k`` samples, no transform of ``2N`` complex rows and no ``xᵀg``."""
+    (d_in, d_out), k = (x.shape[1], g.shape[1]), s.inner.idx.shape[-1]
+    (hx, cx), (hg, cg) = s.basis.half(x), s.basis.half(g)
+    cols = 2 * hg.shape[1]                                      # g's interleaved columns
+    u, v = s.inner.idx // d_out, s.inner.idx % d_out
+    u_half, v_half = jnp.minimum(u, d_in - u), jnp.minimum(v, d_out - v)
+    re_re = 2 * u_half * cols + 2 * v_half
+    both = sampled.sampled_dot(hx, hg, jnp.concatenate([re_re, re_re + cols + 1]))     # + im·im
+    sign = jnp.where((u > d_in // 2) == (v > d_out // 2), -1.0, 1.0)
+    return (s.scale * cx * cg) * (both[:k] + sign * both[k:])
+
+
+def _sampled_fits(s: Sparse, x, g) -> bool:
+    """Whether a sparse part takes the sampled product: a support of at most ``SAMPLED_MAX_DENSITY``."""
+    return s.idx.shape[-1] <= SAMPLED_MAX_DENSITY * x.shape[1] * g.shape[1]
 
 
 def _lazy(f):

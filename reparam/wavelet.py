@@ -177,7 +177,8 @@ def fourier_basis() -> Basis:
     """
     return Basis(jax.jit(lambda w: jnp.fft.fft2(_float(w), axes=(-2, -1))), jax.jit(_re_ifft2), "fourier",
                  (lambda v: jnp.fft.ifft(v, axis=-1),) * 2,             # T = F⁻¹ is symmetric
-                 adjoint=jax.jit(_re_ifft2_adjoint))
+                 adjoint=jax.jit(_re_ifft2_adjoint),
+                 half=lambda v: (jnp.fft.rfft(_float(v), axis=-1), 1.0 / v.shape[-1]))   # ifft = conj(fft)/d
 
 
 def waveft(k: Optional[int] = None, density: Optional[float] = None, *, wavelet: str = "haar",

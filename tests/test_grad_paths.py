@@ -21,19 +21,37 @@ def test_the_kernel_is_available_in_ci():
 
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0),
-       st.sampled_from([jnp.float32, jnp.bfloat16]), st.integers(0, 2 ** 16))
+       st.sampled_from([jnp.float32, jnp.bfloat16, jnp.complex64]), st.integers(0, 2 ** 16))
 def test_sampled_dot_equals_the_dense_product_at_the_support(n, d_in, d_out, frac, dtype, seed):
     """For every token count (across the 8-row strips and 256-token blocks), shape, support size and
-    input dtype: v[k] = (xᵀg).flat[idx[k]] in float32."""
+    input dtype: v[k] = (xᵀg).flat[idx[k]] in float32; complex rows as their interleaved re, im columns."""
+    g_ = np.random.default_rng(seed)
+    cplx = dtype == jnp.complex64
+    rows = lambda d: g_.standard_normal((n, d)) + (1j * g_.standard_normal((n, d)) if cplx else 0)
+    x, g = jnp.asarray(rows(d_in), dtype), jnp.asarray(rows(d_out), dtype)
+    as_real = lambda v: np.asarray(v).view(np.float32) if cplx else np.asarray(v, np.float32)   # interleaves
+    xr, gr = as_real(x).astype(np.float64), as_real(g).astype(np.float64)
+    size = xr.shape[1] * gr.shape[1]
+    idx = np.sort(g_.choice(size, 1 + int(frac * (size - 1)), replace=False)).astype(np.int32)
+    got = jax.jit(sampled.sampled_dot)(x, g, jnp.asarray(idx))
+    ref = (xr.T @ gr).reshape(-1)[idx]
+    assert got.dtype == jnp.float32 and got.shape == idx.shape
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 2 ** 16))
+def test_half_spectrum_gradient_equals_the_dft_product(n, d_in, d_out, frac, seed):
+    """For odd and even sizes and supports anywhere in the spectrum (DC, Nyquist, both mirrored halves):
+    FourierFT's coefficient gradient from the half spectra equals s·Re(ifft(x)ᵀ ifft(g)) at the support."""
     g_ = np.random.default_rng(seed)
     size = d_in * d_out
     idx = np.sort(g_.choice(size, 1 + int(frac * (size - 1)), replace=False)).astype(np.int32)
-    x = jnp.asarray(g_.standard_normal((n, d_in)), dtype)
-    g = jnp.asarray(g_.standard_normal((n, d_out)), dtype)
-    got = jax.jit(sampled.sampled_dot)(x, g, jnp.asarray(idx))
-    ref = (np.asarray(x, np.float64).T @ np.asarray(g, np.float64)).reshape(-1)[idx]
-    assert got.dtype == jnp.float32 and got.shape == idx.shape
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    s = S.InBasis(S.Sparse(jnp.asarray(idx), jnp.zeros(idx.shape), d_out), 3.0, rp.fourier_basis())
+    x, g = g_.standard_normal((n, d_in)), g_.standard_normal((n, d_out))
+    got = jax.jit(mm._half_spectrum_grad)(s, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    ref = 3.0 * np.real(np.fft.ifft(x, axis=-1).T @ np.fft.ifft(g, axis=-1)).reshape(-1)[idx]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5 * np.sqrt(n))
 
 
 def test_choose_falls_back_to_dense():
@@ -50,7 +68,7 @@ def _sparse(seed, d_in, d_out, density):
     return S.Sparse(jnp.asarray(idx), jnp.asarray(g.standard_normal(idx.shape), jnp.float32), d_out)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "sum", "haar", "scaled"])
+@pytest.mark.parametrize("kind", ["sparse", "sum", "haar", "fourier", "scaled"])
 def test_low_density_gradients_match_autodiff(kind):
     """At a support of 2% (under SAMPLED_MAX_DENSITY) the hot path's gradients, now from the kernel,
     equal plain autodiff through the materialised weight."""
@@ -58,6 +76,7 @@ def test_low_density_gradients_match_autodiff(kind):
     sp = _sparse(0, d_in, d_out, 0.02)
     lr = S.LowRank(jax.random.normal(jax.random.key(5), (d_in, 2)), jax.random.normal(jax.random.key(6), (2, d_out)))
     s = {"sparse": sp, "sum": S.Sum((lr, sp)), "haar": S.InBasis(sp, 0.5, rp.wavelet_basis("haar")),
+         "fourier": S.InBasis(sp, 30.0, rp.fourier_basis()),
          "scaled": S.Scaled(S.Sum((lr, sp)), 1.0 + 0.1 * jnp.arange(d_out, dtype=jnp.float32))}[kind]
     base = jax.random.normal(jax.random.key(1), (d_in, d_out))
     x = jax.random.normal(jax.random.key(2), (n, d_in))

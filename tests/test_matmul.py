@@ -209,14 +209,14 @@ def _dot_shapes(hlo: str):
 @pytest.mark.parametrize("method, mode, kernel, expect_full_grad", [
     ("lora", "auto", True, False), ("lora", "autodiff", True, True),
     ("wara", "auto", True, False), ("wara", "autodiff", True, True),  # low rank in the (separable) Haar basis
-    ("fourierft", "auto", True, True),                        # sparse in a complex basis: read off one xᵀg GEMM
     ("sparse", "auto", True, False), ("waveft", "auto", True, False),   # the CPU sampled-product kernel
-    ("sparse", "auto", False, True)])                         # without the kernel: xᵀg
+    ("fourierft", "auto", True, False),                       # ... on the half spectra (Hermitian DFT)
+    ("sparse", "auto", False, True), ("fourierft", "auto", False, True)])   # without the kernel: xᵀg
 def test_hot_step_never_forms_the_weight_gradient(method, mode, kernel, expect_full_grad, monkeypatch):
-    """The compiled LoRA (WaRA, sparse, WaveFT) step has no dot contracting over the tokens into a
-    [d_in, d_out] result (xᵀg); plain autodiff through the materialised weight has one, and so has a
-    sparse step without the sampled-product kernel -- so the check can fail. The sparse steps call the
-    kernel exactly when it is available."""
+    """The compiled LoRA (WaRA, sparse, WaveFT, FourierFT) step has no dot contracting over the tokens
+    into a [d_in, d_out] result (xᵀg); plain autodiff through the materialised weight has one, and so
+    has a sparse or FourierFT step without the sampled-product kernel -- so the check can fail. The
+    sparse steps call the kernel exactly when it is available."""
     if not kernel:
         monkeypatch.setattr(sampled, "available", lambda: False)
     d_in, d_out, n = 24, 40, 56
@@ -238,7 +238,7 @@ def test_hot_step_never_forms_the_weight_gradient(method, mode, kernel, expect_f
     hlo = step.lower(state, frozen, x).compile().as_text()
     full_grads = [d for d in _dot_shapes(hlo) if sorted(d[0]) == sorted((d_in, d_out)) and n in d[1]]
     assert bool(full_grads) == expect_full_grad, full_grads
-    assert (sampled.TARGET in hlo) == (kernel and method in ("sparse", "waveft"))
+    assert (sampled.TARGET in hlo) == (kernel and method in ("sparse", "waveft", "fourierft"))
 
 
 def test_unrecognised_call_is_still_correct():
