@@ -12,7 +12,8 @@ the compiled steps run in turns: ``--rounds`` rounds, each running every method 
 ``--warmup`` untimed steps each), so slow drifts of the machine hit all methods alike. The reported
 figure is each method's median step over LoRA's median, with the interquartile range of the
 per-round ratios (each round's step over the same round's LoRA step): single steps still vary by up
-to 2x here, in one process as across processes.
+to 2x here, in one process as across processes. Next to it, the compiled step's GFLOP (XLA's cost
+analysis: deterministic, so it shows what a method's step must compute, apart from the machine's noise).
 """
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ def measure(names: list[str], args) -> list[dict]:
         compiled = step.lower(state, frozen, batch).compile()
         for _ in range(args.warmup):
             jax.block_until_ready(compiled(state, frozen, batch))
-        steps[name] = (compiled, state, frozen, int(sum(plan.trainable_counts(trainable))))
+        steps[name] = (compiled, state, frozen, int(sum(plan.trainable_counts(trainable))), gflop(compiled))
         print(f"{name:>12}: compiled and warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
     times = {name: [] for name in names}
     for r in range(args.rounds):
-        for name, (compiled, state, frozen, _) in steps.items():
+        for name, (compiled, state, frozen, *_) in steps.items():
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(state, frozen, batch))
             times[name].append(1e3 * (time.perf_counter() - t0))
@@ -62,17 +63,26 @@ def measure(names: list[str], args) -> list[dict]:
                      "x_lora": float(np.median(ts) / np.median(lora)),
                      "x_lora_rounds_q25": float(np.percentile(per_round, 25)),
                      "x_lora_rounds_q75": float(np.percentile(per_round, 75)),
-                     "trainable": steps[name][3]})
+                     "trainable": steps[name][3], "gflop": steps[name][4],
+                     "gflop_x_lora": steps[name][4] / steps["lora"][4]})
     return rows
 
 
+def gflop(compiled) -> float:
+    """The compiled step's floating-point operations (XLA's cost analysis), in GFLOP."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) / 1e9
+
+
 def markdown(rows) -> str:
-    lines = ["| method | step ms (median) | x reparam LoRA | per-round ratio, 25-75% | within 1.25x | trainable |",
-             "|---|---:|---:|---:|:-:|---:|"]
+    lines = ["| method | step ms (median) | x reparam LoRA | per-round ratio, 25-75% | within 1.25x | GFLOP (x LoRA) "
+             "| trainable |", "|---|---:|---:|---:|:-:|---:|---:|"]
     for r in rows:
         ok = "yes" if r["x_lora"] <= BAR else "**no**"
         lines.append(f"| {r['method']} | {r['step_ms']:.0f} | {r['x_lora']:.2f} | {r['x_lora_rounds_q25']:.2f} - "
-                     f"{r['x_lora_rounds_q75']:.2f} | {ok if r['method'] != 'lora' else ''} | {r['trainable']:,} |")
+                     f"{r['x_lora_rounds_q75']:.2f} | {ok if r['method'] != 'lora' else ''} | "
+                     f"{r['gflop']:.1f} ({r['gflop_x_lora']:.2f}) | {r['trainable']:,} |")
     return "\n".join(lines)
 
 

@@ -213,7 +213,7 @@ def compacter(n: int = 4, rank: int = 1, *, scale: float = 1.0) -> Reparam:
         return {"base": w}, {"u": u, "v": jnp.zeros((n, rank, d_out // n), jnp.float32)}
 
     def structure(frozen, t, shared):
-        return Kron(scale * shared["S"], jnp.einsum("kir,kro->kio", t["u"], t["v"]))
+        return Kron(scale * shared["S"], t["u"], t["v"])          # blocks u_i v_iᵀ kept factored
 
     return additive(fmt_name("compacter", n=n, r=rank, s=None if scale == 1.0 else scale), init_fn,
                     structure=structure,

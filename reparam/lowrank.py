@@ -127,7 +127,7 @@ def lora_xs(rank: int, *, basis: str = "weight", lr: float = 1e-3) -> Reparam:
         return {"base": base, "U": u, "Vt": vt}, {"R": r0}
 
     def structure(frozen, trainable):
-        return LowRank(frozen["U"] @ trainable["R"], frozen["Vt"])
+        return LowRank(frozen["U"] @ trainable["R"], frozen["Vt"], frozen="r")
 
     return additive(fmt_name(method, r=rank), init_fn, structure=structure,
                     calib="grad" if basis == "gradient" else None)

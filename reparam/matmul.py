@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import sampled, views
-from reparam.structure import InBasis, Kron, LowRank, Scaled, Sparse, Sum, dense, matvec, prefer_factored
+from reparam.structure import InBasis, Kron, LowRank, Scaled, Sparse, Sum, costs, dense, matvec, prefer_factored
 
 Array = jax.Array
 
@@ -68,20 +68,22 @@ def _materialised_fwd(x, base, s):
     return x @ w, (x, w, s)
 
 
-# From this many tokens per call, Kronecker factors too large for the per-token products
-# (:func:`kron_grad_batched`: Compacter, SoKA) take their gradient from one dW = xᵀg GEMM (projected onto A
+# From this many tokens per call, dense Kronecker blocks too large for the per-token products
+# (:func:`kron_grad_batched`: SoKA) take their gradient from one dW = xᵀg GEMM (projected onto A
 # and B) rather than the vec trick: fewer FLOPs, but slower and larger on XLA:CPU at 1024+ tokens
 # (benchmarks/hot_path.py before the per-token path, 768² LoKr: 29 vs 37 ms autodiff at 1024, 230 vs 164 ms
 # at 4096).
 KRON_GEMM_TOKENS = 512
 
 
-def lowrank_grad_by_gemm(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
+def lowrank_grad_by_gemm(rank: int, tokens: int, d_in: int, d_out: int, factors: int = 2) -> bool:
     """Whether ``dL, dR`` of ``ΔW = L @ R`` cost fewer multiply-adds from one ``dW = xᵀg`` GEMM
     (``N·d_in·d_out``, then ``dL = dW Rᵀ``, ``dR = Lᵀ dW``: ``2·d_in·d_out·r``) than from rank-r
     products (``xᵀ(gRᵀ)``, ``(xL)ᵀg``: ``2·N·r·(d_in + d_out)``): for ranks above about
-    ``d_in·d_out / (2 (d_in + d_out))`` -- VeRA's r=256 on a 384² kernel, not LoRA's r=8."""
-    return tokens * d_in * d_out + 2 * d_in * d_out * rank < 2 * tokens * rank * (d_in + d_out)
+    ``d_in·d_out / (2 (d_in + d_out))`` -- VeRA's r=256 on a 384² kernel, not LoRA's r=8.
+    ``factors=1`` when one factor is frozen (``LowRank.frozen``): one product of each kind, so the rank-r
+    products win up to twice the rank (VeRA's r=256 on 384x1536)."""
+    return tokens * d_in * d_out + factors * d_in * d_out * rank < factors * tokens * rank * (d_in + d_out)
 
 
 # Up to this density a sparse part's gradient is the CPU sampled product (``N·k`` multiply-adds on one
@@ -112,8 +114,11 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
     if isinstance(s, Kron) and kron_grad_batched(s, x.shape[1], g.shape[1]):
         return _kron_grad(s, x, g)
-    if isinstance(s, Kron) or \
-            (isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], x.shape[0], x.shape[1], g.shape[1])):
+    if isinstance(s, Kron) and s.v is not None and not kron_grad_by_gemm(s, x.shape[0], x.shape[1], g.shape[1]):
+        return _kron_lowrank_grad(s, x, g)
+    if (isinstance(s, Kron) and kron_grad_by_gemm(s, x.shape[0], x.shape[1], g.shape[1])) or \
+            (isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], x.shape[0], x.shape[1], g.shape[1],
+                                                             factors=1 if s.frozen else 2)):
         _, pull = jax.vjp(lambda s_: dense(s_, (x.shape[1], g.shape[1])), s)
         return pull(dw())[0]
     _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
@@ -121,12 +126,23 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
 
 
 def kron_grad_batched(s: Kron, d_in: int, d_out: int) -> bool:
-    """Whether :func:`_kron_grad` takes ``Σ_k a_k ⊗ b_k``'s gradient: while its per-token products
+    """Whether :func:`_kron_grad` takes ``Σ_k a_k ⊗ b_k``'s gradient: dense blocks whose per-token products
     (``K·(a1·a2 + b1·b2)`` floats a token) stay within ``2·(d_in + d_out)`` -- LoKr's and KronA's one
-    pair of near-√d factors, not Compacter's ``K = 4`` terms with ``b [d_in/4, d_out/4]`` nor SoKA's
-    ``K = r`` terms, whose batched products outgrow the ``xᵀg`` GEMM."""
-    (k, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+    pair of near-√d factors, not SoKA's ``K = r`` terms, whose batched products outgrow the ``xᵀg`` GEMM."""
+    if s.v is not None:
+        return False
+    k, a1, a2, b1, b2 = s.dims
     return k * (a1 * a2 + b1 * b2) <= 2 * (d_in + d_out)
+
+
+def kron_grad_by_gemm(s: Kron, tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether ``Σ_k a_k ⊗ B_k``'s gradient (where not :func:`kron_grad_batched`) comes from one ``dW = xᵀg``
+    rather than the pullback of :func:`matvec`: for dense blocks from ``KRON_GEMM_TOKENS`` tokens; for
+    low-rank blocks (``Kron.v``: Compacter, ``K·r·(d_in + a1·a2 + d_out)`` a token) only where twice that
+    exceeds the GEMM's ``d_in·d_out``."""
+    if s.v is None:
+        return tokens >= KRON_GEMM_TOKENS
+    return 2 * costs(s, (d_in, d_out))[0] >= d_in * d_out
 
 
 def _kron_grad(s: Kron, x, g):
@@ -149,6 +165,29 @@ def _kron_grad(s: Kron, x, g):
     db = dot(xa.astype(x.dtype), gs, (((2,), (1,)), ((0,), (0,)))).sum(0)     # [p·k, q]
     return s.replace(a=da.reshape(a1, a2, k).transpose(2, 0, 1).astype(s.a.dtype),
                      b=db.reshape(b1, k, b2).transpose(1, 0, 2).astype(s.b.dtype))
+
+
+def _kron_lowrank_grad(s: Kron, x, g):
+    """The gradient of ``ΔW = Σ_k a_k ⊗ (b_k v_k)`` (low-rank blocks, ``Kron.v``) with token ``n``'s rows as
+    ``X_n [a1, b1]``, ``G_n [a2, b2]``: ``T_n = X_n b`` and ``D_n = G_n vᵀ`` (two GEMMs over all tokens, rank
+    ``K·r`` wide), then ``da_k = Σ_n T_nk D_nkᵀ``, ``dv_k = Σ_n (a_kᵀ T_nk)ᵀ G_n``, ``db_k = Σ_n X_nᵀ (a_k D_nk)``:
+    ``2·N·K·r·(d_in + a1·a2 + d_out)`` multiply-adds, as the pullback of :func:`matvec` but as plain GEMMs
+    (XLA:CPU ran the einsum's pullback 3x slower: 10.5 vs 3.5 ms on 384x1536 at 2048 tokens)."""
+    k, a1, a2, b1, b2 = s.dims
+    n, r, f32 = x.shape[0], s.b.shape[2], jnp.float32
+    dot = lambda u, v: jnp.matmul(u, v, preferred_element_type=f32)
+    xs, gs = x.reshape(n * a1, b1), g.reshape(n * a2, b2)
+    b = s.b.astype(x.dtype).transpose(1, 0, 2).reshape(b1, k * r)               # [p, k·r]
+    v = s.v.astype(g.dtype).reshape(k * r, b2)                                  # [k·r, q]
+    t = dot(xs, b).reshape(n, a1, k, r)                                         # X_n b_k
+    d = dot(gs, v.T).reshape(n, a2, k, r)                                       # G_n v_kᵀ
+    a = s.a.astype(f32)
+    da = jnp.einsum("nikr,njkr->kij", t, d)
+    ta = jnp.einsum("nikr,kij->njkr", t, a).reshape(n * a2, k * r)              # a_kᵀ X_n b_k
+    ad = jnp.einsum("kij,njkr->nikr", a, d).reshape(n * a1, k * r)              # a_k G_n v_kᵀ
+    dv = dot(ta.T.astype(g.dtype), gs).reshape(k, r, b2)
+    db = dot(xs.T, ad.astype(x.dtype)).reshape(b1, k, r).transpose(1, 0, 2)
+    return s.replace(a=da.astype(s.a.dtype), b=db.astype(s.b.dtype), v=dv.astype(s.v.dtype))
 
 
 def _in_basis_grad(s: InBasis, x, g, dw, sampled_ok: bool = False):

@@ -121,7 +121,7 @@ def _frozen(w, key, store: bool, bases):
 
 def _vera_combine(bases, d, b):
     a, bb = bases
-    return a * d, bb * b
+    return a, d[:, None] * bb * b                       # A stays a frozen factor: ΔW = A (diag(d) B diag(b))
 
 
 def _vera_core(key, d, b, d_in, d_out, rank, fan_in):
@@ -163,8 +163,9 @@ def vera(rank: int, *, seed: int = 0, d_init: float = 0.1, fan_in: Optional[int]
     def structure(frozen, trainable):
         d_in, d_out = frozen["base"].shape
         if "bases" in frozen:
-            return LowRank(*_vera_combine(frozen["bases"], trainable["d"], trainable["b"]))
-        return LowRank(*_vera_factors(frozen["key"], trainable["d"], trainable["b"], d_in, d_out, rank, fan_in))
+            return LowRank(*_vera_combine(frozen["bases"], trainable["d"], trainable["b"]), frozen="l")
+        return LowRank(*_vera_factors(frozen["key"], trainable["d"], trainable["b"], d_in, d_out, rank, fan_in),
+                       frozen="l")
 
     return additive(fmt_name("vera", r=rank, seed=seed, d_init=d_init, fan_in=fan_in, store_bases=store_bases),
                     init_fn, structure=structure)
@@ -338,7 +339,7 @@ def randlora(rank: int, alpha: Optional[float] = None, *, scaling: str = "paper"
         lam, gam = trainable["lambda"], trainable["gamma"]
         m, b = _randlora_combine(frozen["bases"], lam, gam) if "bases" in frozen else \
             _randlora_factors(frozen["key"], lam, gam, lo, hi, rank)
-        return LowRank(s * m, b) if d_in <= d_out else LowRank(b.T, s * m.T)     # ΔW or its transpose
+        return LowRank(s * m, b, frozen="r") if d_in <= d_out else LowRank(b.T, s * m.T, frozen="l")   # ΔW or ΔWᵀ
 
     return additive(fmt_name("randlora", r=rank, alpha=alpha, scaling=scaling, seed=seed, store_bases=store_bases),
                     init_fn, structure=structure)

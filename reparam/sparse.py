@@ -231,5 +231,5 @@ def structured(rows: Optional[Sequence[int]] = None, cols: Optional[Sequence[int
         # P [n, d] one-hot; the hot path then trains V by rank-n products and never forms xᵀg
         v = trainable["values"]
         one_hot = jax.nn.one_hot(frozen[key_name], frozen["base"].shape[-2:][ax], dtype=v.dtype)
-        return LowRank(one_hot.T, v) if ax == 0 else LowRank(v, one_hot)
+        return LowRank(one_hot.T, v, frozen="l") if ax == 0 else LowRank(v, one_hot, frozen="r")
     return additive(method, init_fn, delta, structure=structure)

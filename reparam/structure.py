@@ -18,6 +18,7 @@ additive (its ``ΔW = W0·diag(c - 1) + inner·diag(c)`` involves the base): :mo
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +29,38 @@ Array = jax.Array
 
 @struct.dataclass
 class LowRank:
-    """``ΔW = l @ r``, ``l [d_in, r]``, ``r [r, d_out]`` (scales folded into ``l``)."""
+    """``ΔW = l @ r``, ``l [d_in, r]``, ``r [r, d_out]`` (scales folded into ``l``).
+
+    ``frozen``: ``"l"`` or ``"r"`` when no trainable parameter feeds that factor (VeRA's and RandLoRA's
+    random bases, SVFit's ``Vᵀ``, S²FT's one-hot rows). The hot path's gradient then costs only the other
+    factor's (XLA drops the frozen one's unused cotangent), which moves its choice between rank-r
+    products and one ``xᵀg`` GEMM (:func:`reparam.matmul.lowrank_grad_by_gemm`). A wrong hint costs
+    speed, never correctness."""
     l: Array
     r: Array
+    frozen: str = struct.field(pytree_node=False, default="")
 
 
 @struct.dataclass
 class Kron:
-    """``ΔW = Σ_k a[k] ⊗ b[k]``, ``a [K, a1, a2]``, ``b [K, b1, b2]``, ``d_in = a1·b1``, ``d_out = a2·b2``."""
+    """``ΔW = Σ_k a[k] ⊗ B_k``, ``a [K, a1, a2]``, ``d_in = a1·b1``, ``d_out = a2·b2``, with ``B_k = b[k]``
+    (``b [K, b1, b2]``) or, given ``v``, the low-rank block ``B_k = b[k] @ v[k]`` (``b [K, b1, r]``,
+    ``v [K, r, b2]``: Compacter's), whose ``x @ ΔW`` and gradients take ``K·r·(d_in + a1·a2 + d_out)``
+    multiply-adds a token, never ``B_k``'s ``b1·b2``."""
     a: Array
     b: Array
+    v: Optional[Array] = None
+
+    @property
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """``(K, a1, a2, b1, b2)``."""
+        (k, a1, a2), b1 = self.a.shape, self.b.shape[1]
+        return k, a1, a2, b1, (self.b if self.v is None else self.v).shape[2]
+
+    @property
+    def blocks(self) -> Array:
+        """``B [K, b1, b2]``."""
+        return self.b if self.v is None else jnp.einsum("kpr,krq->kpq", self.b, self.v)
 
 
 @struct.dataclass
@@ -97,8 +120,8 @@ def dense(s, shape: tuple[int, int]) -> Array:
     if isinstance(s, LowRank):
         return s.l @ s.r
     if isinstance(s, Kron):
-        (_, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
-        return jnp.einsum("kij,kpq->ipjq", s.a, s.b).reshape(a1 * b1, a2 * b2)
+        _, a1, a2, b1, b2 = s.dims
+        return jnp.einsum("kij,kpq->ipjq", s.a, s.blocks).reshape(a1 * b1, a2 * b2)
     if isinstance(s, Sparse):
         flat = jnp.zeros(shape[0] * shape[1], s.values.dtype)
         return flat.at[s.idx].set(s.values, indices_are_sorted=True, unique_indices=True).reshape(shape)
@@ -116,10 +139,12 @@ def matvec(s, x: Array) -> Array:
     if isinstance(s, LowRank):
         return (x @ s.l.astype(x.dtype)) @ s.r.astype(x.dtype)
     if isinstance(s, Kron):
-        (_, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
-        xs = x.reshape(x.shape[0], a1, b1)
-        return jnp.einsum("nip,kij,kpq->njq", xs, s.a.astype(x.dtype), s.b.astype(x.dtype),
-                          optimize=True).reshape(x.shape[0], a2 * b2)
+        _, a1, a2, b1, b2 = s.dims
+        xs, cast = x.reshape(x.shape[0], a1, b1), (lambda v: v.astype(x.dtype))
+        if s.v is not None:         # x's blocks through b first: [n, a1, b1] -> [n, k, a1, r], never B_k
+            return jnp.einsum("nip,kpr,kij,krq->njq", xs, cast(s.b), cast(s.a), cast(s.v),
+                              optimize=True).reshape(x.shape[0], a2 * b2)
+        return jnp.einsum("nip,kij,kpq->njq", xs, cast(s.a), cast(s.b), optimize=True).reshape(x.shape[0], a2 * b2)
     if isinstance(s, Sparse):
         rows, cols = s.idx // s.d_out, s.idx % s.d_out
         contrib = x[:, rows] * s.values.astype(x.dtype)
@@ -141,7 +166,10 @@ def costs(s, shape: tuple[int, int]) -> tuple[int, int]:
         r = s.l.shape[-1]
         return r * (d_in + d_out), d_in * d_out * r
     if isinstance(s, Kron):
-        (k, a1, a2), (_, b1, b2) = s.a.shape, s.b.shape
+        k, a1, a2, b1, b2 = s.dims
+        if s.v is not None:
+            r = s.b.shape[2]
+            return k * r * (d_in + a1 * a2 + d_out), k * (d_in * d_out + b1 * r * b2)
         return k * min(a1 * b1 * b2 + a1 * a2 * b2, a1 * b1 * a2 + a2 * b1 * b2), k * d_in * d_out
     if isinstance(s, Sparse):
         return 2 * s.values.shape[-1], d_in * d_out

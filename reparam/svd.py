@@ -68,7 +68,7 @@ def svfit(rank: int, *, niter: Optional[int] = None) -> Reparam:
         return {"base": residual(w, (u * s) @ vt), "U": u, "S": s, "Vt": vt}, {"delta": jnp.zeros_like(s)}
 
     def structure(frozen, trainable):
-        return LowRank(frozen["U"] * (frozen["S"] + trainable["delta"]), frozen["Vt"])
+        return LowRank(frozen["U"] * (frozen["S"] + trainable["delta"]), frozen["Vt"], frozen="r")
     return additive(fmt_name("svfit", r=rank, niter=niter), init_fn, structure=structure)
 
 

@@ -102,12 +102,40 @@ def test_batched_kron_gradient_equals_the_vec_trick_pullback(k, a1, a2, b1, b2, 
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(1, 6), st.integers(1, 6),
+       st.integers(1, 4), st.integers(1, 40), st.integers(0, 2 ** 16))
+def test_lowrank_kron_gradient_equals_the_matvec_pullback(k, a1, a2, b1, b2, r, n, seed):
+    """Compacter's low-rank blocks (Kron.v): da, db, dv from the rank-K·r GEMMs equal the pullback of
+    matvec, and both equal the pullback of the dense blocks' matvec."""
+    rng = np.random.default_rng(seed)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    s = S.Kron(arr(k, a1, a2), arr(k, b1, r), arr(k, r, b2))
+    x, g = arr(n, a1 * b1), arr(n, a2 * b2)
+    ref = jax.vjp(lambda s_: S.matvec(s_, x), s)[1](g)[0]
+    got = jax.jit(mm._kron_lowrank_grad)(s, x, g)
+    via_blocks = jax.vjp(lambda a, b, v: S.matvec(S.Kron(a, jnp.einsum("kpr,krq->kpq", b, v)), x), s.a, s.b, s.v)[1](g)
+    for want, have, dense_ in ((ref.a, got.a, via_blocks[0]), (ref.b, got.b, via_blocks[1]), (ref.v, got.v, via_blocks[2])):
+        assert want.shape == have.shape
+        np.testing.assert_allclose(have, want, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(have, dense_, atol=1e-4, rtol=1e-4)
+
+
 def test_kron_rule_takes_lokr_factors_not_compacter_terms():
-    """LoKr's near-√d pair of a 384x1536 kernel goes by the per-token products, Compacter's four
-    [96, 384] terms by xᵀg; and through the hot path a batched Kron's gradients equal autodiff."""
+    """LoKr's near-√d pair of a 384x1536 kernel goes by the per-token products; Compacter's four
+    [96, 384] blocks, dense, by xᵀg, and low rank (as rp.compacter builds them) by rank-K·r GEMMs; and
+    through the hot path a batched Kron's and a low-rank Kron's gradients equal autodiff."""
     kron = lambda k, a, b: S.Kron(jnp.ones((k, *a)), jnp.ones((k, *b)))
     assert mm.kron_grad_batched(kron(1, (16, 32), (24, 48)), 384, 1536)
     assert not mm.kron_grad_batched(kron(4, (4, 4), (96, 384)), 384, 1536)
+    assert mm.kron_grad_by_gemm(kron(4, (4, 4), (96, 384)), 2048, 384, 1536)
+    compacter = S.Kron(jnp.ones((4, 4, 4)), jnp.ones((4, 96, 8)), jnp.ones((4, 8, 384)))
+    assert not mm.kron_grad_batched(compacter, 384, 1536) and not mm.kron_grad_by_gemm(compacter, 2048, 384, 1536)
+    s = S.Kron(*(jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate([(2, 4, 3), (2, 5, 2), (2, 2, 8)])))
+    base = jax.random.normal(jax.random.key(5), (20, 24))
+    x, g = jax.random.normal(jax.random.key(6), (300, 20)), jax.random.normal(jax.random.key(7), (300, 24))
+    assert not mm.kron_grad_by_gemm(s, 300, 20, 24)
+    assert_hot_gradients_match_autodiff(s, base, x, g, tol=1e-3)
     s = S.Kron(jax.random.normal(jax.random.key(0), (1, 4, 6)), jax.random.normal(jax.random.key(1), (1, 5, 4)))
     assert mm.kron_grad_batched(s, 20, 24)
     base = jax.random.normal(jax.random.key(2), (20, 24))

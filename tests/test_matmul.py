@@ -84,6 +84,8 @@ def test_high_rank_gradient_from_one_gemm_matches_autodiff():
     d_in, d_out, r, n = 6, 8, 7, 200
     assert mm.lowrank_grad_by_gemm(r, n, d_in, d_out) and not mm.lowrank_grad_by_gemm(8, 2048, 384, 384)
     assert mm.lowrank_grad_by_gemm(256, 2048, 384, 384)                        # VeRA r=256 on MiniLM
+    assert mm.lowrank_grad_by_gemm(256, 2048, 384, 1536)                       # ... with both factors trained
+    assert not mm.lowrank_grad_by_gemm(256, 2048, 384, 1536, factors=1)        # VeRA's A is frozen
     s = S.LowRank(jax.random.normal(k[0], (d_in, r)), jax.random.normal(k[1], (r, d_out)))
     base, x = jax.random.normal(k[2], (d_in, d_out)), jax.random.normal(k[3], (n, d_in))
     g = jax.random.normal(k[4], (n, d_out))
@@ -153,6 +155,28 @@ def test_structured_methods_cover_every_structured_family():
             assert name in STRUCTURED, name
     # a two-level Mallat DWT re-filters only the LL block: not separable, so plain autodiff
     assert "waveft_db2_l2" in METHODS and "waveft_db2_l2" not in STRUCTURED
+
+
+@pytest.mark.parametrize("name", ["vera", "randlora", "svfit", "lora_xs", "lora_sb", "sparse_s2ft_rows",
+                                  "sparse_s2ft_cols"])
+def test_frozen_factor_hints_are_true(name):
+    """A LowRank's ``frozen`` factor gets no derivative from any trainable array (the hint only steers the
+    hot path's cost model, so a wrong one would not show in the gradients); square and transposed shapes."""
+    t = METHODS[name][0](2)
+    for d_in, d_out in ((6, 10), (10, 6)):
+        w = jax.random.normal(jax.random.key(0), (d_in, d_out))
+        calib = (calib_for(t, "w", w, jax.random.key(1)) or {}).get("w")
+        frozen, trainable = t.init(jax.random.key(2), w, calib)
+        trainable = perturb(trainable, jax.random.key(3))
+        s = t.structure(frozen, trainable)
+        assert isinstance(s, S.LowRank) and s.frozen in ("l", "r"), (name, s)
+        factor = lambda tr: getattr(t.structure(frozen, tr), s.frozen)
+        out, pull = jax.vjp(factor, trainable)
+        for leaf in jax.tree.leaves(pull(jnp.ones_like(out))):
+            assert not np.any(np.asarray(leaf)), (name, s.frozen)
+        live = "r" if s.frozen == "l" else "l"
+        out, pull = jax.vjp(lambda tr: getattr(t.structure(frozen, tr), live), trainable)
+        assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(pull(jnp.ones_like(out))))
 
 
 # one method per structure kind (and the shared, stochastic and summed cases) runs every forward;
