@@ -14,7 +14,9 @@ MiniLM benchmark's batch of 32x64 = 2048 tokens), the gradient of the adapter fr
   2-D adjoint and reads the support (the path off CPU), ``half`` samples the rows' real-FFT half
   spectra with the kernel (:func:`reparam.matmul._half_spectrum_grad`, the CPU path);
 - Kronecker ``ΔW = a ⊗ b`` (LoKr / KronA factors): ``dense`` projects ``xᵀg`` onto ``a`` and ``b``,
-  ``vec`` is autodiff of the vec-trick matvec, ``batched`` is the hot path's per-token products.
+  ``vec`` is autodiff of the vec-trick matvec, ``batched`` is the hot path's per-token products;
+- Compacter ``ΔW = Σ_k a_k ⊗ (b_k v_k)`` (``n = 4`` terms, rank 8 blocks): ``dense`` projects ``xᵀg``,
+  ``vec`` is autodiff of the matvec, ``lowrank`` the hot path's rank-``K·r`` GEMMs.
 
 Each time is the median of ``--repeats`` calls of the jitted function after a warm-up.
 """
@@ -106,11 +108,32 @@ def kron_rows(d_in, d_out, n, repeats):
              "speedup_vs_dense": ms["dense"] / ms["batched"]}]
 
 
+def compacter_rows(d_in, d_out, n, repeats, k=4, r=8):
+    rng = np.random.default_rng(3)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    s = S.Kron(arr(k, k, k), arr(k, d_in // k, r), arr(k, r, d_out // k))
+    x, h = arr(n, d_in), arr(n, d_out)
+
+    def dense(x, h):
+        _, pull = jax.vjp(lambda s_: S.dense(s_, (d_in, d_out)), s)
+        return pull(x.T @ jnp.tanh(h))[0]
+
+    def vec(x, h):
+        _, pull = jax.vjp(lambda s_: S.matvec(s_, x), s)
+        return pull(jnp.tanh(h))[0]
+    ways = {"dense": dense, "vec": vec, "lowrank": lambda x, h: mm._kron_lowrank_grad(s, x, jnp.tanh(h))}
+    ms = {k_: timed(f, x, h, repeats=repeats) for k_, f in ways.items()}
+    print(f"compacter {d_in}x{d_out} n {k} r {r}  " + "  ".join(f"{k_} {v:7.2f}" for k_, v in ms.items()), flush=True)
+    return [{"kind": "compacter", "shape": [d_in, d_out], "tokens": n, "terms": k, "rank": r, "ms": ms,
+             "speedup_vs_dense": ms["dense"] / ms["lowrank"]}]
+
+
 def markdown(rows) -> str:
     out = ["| structure | kernel | tokens | support | ways (ms) | fastest vs dense xᵀg |", "|---|---|---|---|---|---|"]
     for r in rows:
         sup = {"sparse": lambda: f"{100 * r['density']:g}% ({r['k']})", "fourierft": lambda: f"n = {r['k']}",
-               "kron": lambda: f"a {r['a']}, b {r['b']}"}[r["kind"]]()
+               "kron": lambda: f"a {r['a']}, b {r['b']}",
+               "compacter": lambda: f"{r['terms']} terms, rank {r['rank']}"}[r["kind"]]()
         ways = ", ".join(f"{k} {v:.2f}" for k, v in r["ms"].items())
         out.append(f"| {r['kind']} | {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {sup} | {ways} | "
                    f"{r['speedup_vs_dense']:.2f}x |")
@@ -129,7 +152,7 @@ def main():
     rows = []
     for d_in, d_out in shapes:
         rows += sparse_rows(d_in, d_out, args.tokens, repeats) + fourier_rows(d_in, d_out, args.tokens, repeats) \
-            + kron_rows(d_in, d_out, args.tokens, repeats)
+            + kron_rows(d_in, d_out, args.tokens, repeats) + compacter_rows(d_in, d_out, args.tokens, repeats)
     md = markdown(rows)
     print("\n" + md)
     os.makedirs(args.out, exist_ok=True)

@@ -172,8 +172,8 @@ def _kron_lowrank_grad(s: Kron, x, g):
     ``X_n [a1, b1]``, ``G_n [a2, b2]``: ``T_n = X_n b`` and ``D_n = G_n vᵀ`` (two GEMMs over all tokens, rank
     ``K·r`` wide), then ``da_k = Σ_n T_nk D_nkᵀ``, ``dv_k = Σ_n (a_kᵀ T_nk)ᵀ G_n``, ``db_k = Σ_n X_nᵀ (a_k D_nk)``:
     ``2·N·K·r·(d_in + a1·a2 + d_out)`` multiply-adds, as the pullback of :func:`matvec` but as plain GEMMs
-    (XLA:CPU ran the einsum's pullback 2x slower: Compacter n=4, r=8 on 384x1536 at 2048 tokens, 14.9 vs
-    7.3 ms, against 17.0 ms for ``xᵀg``)."""
+    (XLA:CPU runs the einsum's pullback 2x slower: Compacter n=4, r=8 on 384x1536 at 2048 tokens, 16.3 vs
+    7.9 ms, against 20.9 ms for ``xᵀg``; ``benchmarks/grad_paths.py``)."""
     k, a1, a2, b1, b2 = s.dims
     n, r, f32 = x.shape[0], s.b.shape[2], jnp.float32
     dot = lambda u, v: jnp.matmul(u, v, preferred_element_type=f32)
