@@ -84,6 +84,19 @@ def fourier_rows(d_in, d_out, n, repeats, k=1000):
              "speedup_vs_dense": ms["dense"] / ms["half"]}]
 
 
+def autodiff_ways(s, d_in, d_out) -> dict:
+    """The two autodiff baselines for a structure's gradient at ``g = tanh(h)``: ``dense`` pulls ``xᵀg``
+    back through ``dense(s)``, ``vec`` pulls ``g`` back through ``matvec(s, x)``."""
+    def dense(x, h):
+        _, pull = jax.vjp(lambda s_: S.dense(s_, (d_in, d_out)), s)
+        return pull(x.T @ jnp.tanh(h))[0]
+
+    def vec(x, h):
+        _, pull = jax.vjp(lambda s_: S.matvec(s_, x), s)
+        return pull(jnp.tanh(h))[0]
+    return {"dense": dense, "vec": vec}
+
+
 def kron_rows(d_in, d_out, n, repeats):
     from reparam.kronecker import factorization
     (a1, b1), (a2, b2) = factorization(d_in), factorization(d_out)
@@ -92,15 +105,7 @@ def kron_rows(d_in, d_out, n, repeats):
                jnp.asarray(rng.standard_normal((1, b1, b2)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((n, d_in)), jnp.float32)
     h = jnp.asarray(rng.standard_normal((n, d_out)), jnp.float32)
-
-    def dense(x, h):
-        _, pull = jax.vjp(lambda s_: S.dense(s_, (d_in, d_out)), s)
-        return pull(x.T @ jnp.tanh(h))[0]
-
-    def vec(x, h):
-        _, pull = jax.vjp(lambda s_: S.matvec(s_, x), s)
-        return pull(jnp.tanh(h))[0]
-    ways = {"dense": dense, "vec": vec, "batched": lambda x, h: mm._kron_grad(s, x, jnp.tanh(h))}
+    ways = {**autodiff_ways(s, d_in, d_out), "batched": lambda x, h: mm._kron_grad(s, x, jnp.tanh(h))}
     ms = {k: timed(f, x, h, repeats=repeats) for k, f in ways.items()}
     print(f"kron   {d_in}x{d_out} a {a1}x{a2} b {b1}x{b2}  " + "  ".join(f"{k} {v:7.2f}" for k, v in ms.items()),
           flush=True)
@@ -113,15 +118,7 @@ def compacter_rows(d_in, d_out, n, repeats, k=4, r=8):
     arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     s = S.Kron(arr(k, k, k), arr(k, d_in // k, r), arr(k, r, d_out // k))
     x, h = arr(n, d_in), arr(n, d_out)
-
-    def dense(x, h):
-        _, pull = jax.vjp(lambda s_: S.dense(s_, (d_in, d_out)), s)
-        return pull(x.T @ jnp.tanh(h))[0]
-
-    def vec(x, h):
-        _, pull = jax.vjp(lambda s_: S.matvec(s_, x), s)
-        return pull(jnp.tanh(h))[0]
-    ways = {"dense": dense, "vec": vec, "lowrank": lambda x, h: mm._kron_lowrank_grad(s, x, jnp.tanh(h))}
+    ways = {**autodiff_ways(s, d_in, d_out), "lowrank": lambda x, h: mm._kron_lowrank_grad(s, x, jnp.tanh(h))}
     ms = {k_: timed(f, x, h, repeats=repeats) for k_, f in ways.items()}
     print(f"compacter {d_in}x{d_out} n {k} r {r}  " + "  ".join(f"{k_} {v:7.2f}" for k_, v in ms.items()), flush=True)
     return [{"kind": "compacter", "shape": [d_in, d_out], "tokens": n, "terms": k, "rank": r, "ms": ms,
