@@ -116,7 +116,7 @@ def test_fourier_basis_is_linear_not_orthogonal_and_transposes():
     np.testing.assert_allclose(b.inverse(jnp.zeros((6, 10)).at[0, 0].set(60.0)), jnp.ones((6, 10)), atol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(m=st.integers(1, 9), n=st.integers(1, 9), lead=st.integers(0, 2))
 def test_real_fft_paths_equal_the_complex_transform(m, n, lead):
     """For real C and G, the real-FFT inverse is ``Re(ifft2(C))`` and the basis's ``adjoint`` is its adjoint,
