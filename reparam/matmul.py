@@ -97,9 +97,9 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
     """The cotangent of structure ``s`` from the layer's input ``x`` and output cotangent ``g``.
 
     Low rank and Kronecker: the pullback of ``matvec`` (rank-r products, the vec trick), or of
-    ``dense`` at ``dW`` where that is cheaper (low rank: :func:`lowrank_grad_by_gemm`; Kronecker: from
-    ``KRON_GEMM_TOKENS`` tokens), or for small Kronecker factors per-token products
-    (:func:`kron_grad_batched`). Sparse: ``dv_k = Σ_n x[n, i_k] g[n, j_k]``, by the sampled product
+    ``dense`` at ``dW`` where that is cheaper (low rank: :func:`lowrank_grad_by_gemm`; Kronecker:
+    :func:`kron_grad_by_gemm`), or for small Kronecker factors per-token products (:func:`kron_grad_batched`),
+    or for low-rank Kronecker blocks rank-``K·r`` GEMMs (:func:`_kron_lowrank_grad`). Sparse: ``dv_k = Σ_n x[n, i_k] g[n, j_k]``, by the sampled product
     (:func:`reparam.sampled.sampled_dot`) where ``sampled_ok`` (the CPU branch of :func:`_grad`) and the
     support is at most ``SAMPLED_MAX_DENSITY`` of the weight, else ``dW[idx]`` from one dense
     ``dW = xᵀg`` (``dw()``, shared by all sparse parts).
@@ -112,14 +112,18 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
         if sampled_ok and _sampled_fits(s, x, g):
             return s.replace(idx=None, values=sampled.sampled_dot(x, g, s.idx).astype(s.values.dtype))
         return s.replace(idx=None, values=dw().reshape(-1)[s.idx].astype(s.values.dtype))
-    if isinstance(s, Kron) and kron_grad_batched(s, x.shape[1], g.shape[1]):
-        return _kron_grad(s, x, g)
-    if isinstance(s, Kron) and s.v is not None and not kron_grad_by_gemm(s, x.shape[0], x.shape[1], g.shape[1]):
-        return _kron_lowrank_grad(s, x, g)
-    if (isinstance(s, Kron) and kron_grad_by_gemm(s, x.shape[0], x.shape[1], g.shape[1])) or \
-            (isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], x.shape[0], x.shape[1], g.shape[1],
-                                                             factors=1 if s.frozen else 2)):
-        _, pull = jax.vjp(lambda s_: dense(s_, (x.shape[1], g.shape[1])), s)
+    tokens, d_in, d_out = x.shape[0], x.shape[1], g.shape[1]
+    if isinstance(s, Kron):
+        if kron_grad_batched(s, d_in, d_out):
+            return _kron_grad(s, x, g)
+        by_gemm = kron_grad_by_gemm(s, tokens, d_in, d_out)
+        if s.v is not None and not by_gemm:
+            return _kron_lowrank_grad(s, x, g)
+    else:
+        by_gemm = isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], tokens, d_in, d_out,
+                                                                  factors=1 if s.frozen else 2)
+    if by_gemm:
+        _, pull = jax.vjp(lambda s_: dense(s_, (d_in, d_out)), s)
         return pull(dw())[0]
     _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
     return pull(g)[0]
