@@ -207,7 +207,9 @@ def test_merge_any_transform_one_plan_and_errors():
         plan.apply(frozen, t2)["w"].astype(jnp.float32) - w0)
     assert merged["w"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(merged["w"], np.float32), expect, atol=0.05)
-    assert np.array_equal(rp.merge_adapters([(plan, frozen, t)], params)["w"], plan.apply(frozen, t)["w"])
+    # one adapter: W0 + (merge - W0) is merge again (bf16 values, f32 differences: exact), compared with the
+    # same jitted program (plan.merge), not the eager plan.apply, which XLA may round differently
+    assert np.array_equal(rp.merge_adapters([(plan, frozen, t)], params)["w"], plan.merge(frozen, t)["w"])
     with pytest.raises(ReparamError, match="2 weights for 1 adapters"):
         rp.merge_adapters([(plan, frozen, t)], params, weights=[1.0, 1.0])
     with pytest.raises(ReparamError, match="another params structure"):

@@ -51,7 +51,9 @@ def test_chunked_evaluation_equals_one_full_length_batch():
     want = jax.jit(metrics_fn)(params, split)
     got = tasks.split_metrics(logits, 16)(params, split)
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
-    assert float(got["acc"]) == float(want["acc"])
+    # chunks of 16 and one full-length batch are different programs: a near-tie's argmax may flip
+    n = len(split["label"])
+    assert abs(float(got["acc"]) - float(want["acc"])) <= 1.0 / n + 1e-7
 
 
 @pytest.mark.slow
