@@ -25,13 +25,10 @@ product through :func:`structured_matmul`, a ``jax.custom_vjp`` op:
                    elsewhere reads s·Re(T_inᵀ (xᵀg) T_out) at its support
 
 The cheaper forward is chosen per call from the shapes and the tokens ``N``
-(:func:`prefer_factored`). Ordinary Flax modules are unchanged: :func:`intercept`
-installs a ``nn.intercept_methods`` hook that recognises ``nn.Dense`` and
-``nn.DenseGeneral`` calls whose kernel is exactly (same traced array) an adapted
-weight of the plan, and runs the op instead; everything else runs as written, on
-the materialised weights, so a call the hook does not recognise is still correct.
+(:func:`prefer_factored`). The train step routes every contraction of an adapted
+weight in the loss to this op, however the model is written (:mod:`reparam.route`).
 
-The hook also puts a *cotangent barrier* after every ``nn.LayerNorm`` and
+:func:`norm_barriers` puts a *cotangent barrier* after every linen ``nn.LayerNorm`` and
 ``nn.RMSNorm``: an identity whose backward divides by a runtime ``1.0``. XLA:CPU
 otherwise re-computes the residual stream's LayerNorm-backward chain inside every
 consumer's transposing fusion (PERF_NOTES: 558 ms per MiniLM step); a divide is
@@ -41,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reparam import sampled, views
+from reparam import sampled
 from reparam.structure import InBasis, Kron, LowRank, Scaled, Sparse, Sum, costs, dense, matvec, prefer_factored
 
 Array = jax.Array
@@ -123,10 +120,10 @@ def _structure_grad(s, x, g, dw, sampled_ok: bool = False):
         by_gemm = isinstance(s, LowRank) and lowrank_grad_by_gemm(s.l.shape[-1], tokens, d_in, d_out,
                                                                   factors=1 if s.frozen else 2)
     if by_gemm:
-        _, pull = jax.vjp(lambda s_: dense(s_, (d_in, d_out)), s)
-        return pull(dw())[0]
-    _, pull = jax.vjp(lambda s_: matvec(s_, x), s)
-    return pull(g)[0]
+        out, pull = jax.vjp(lambda s_: dense(s_, (d_in, d_out)), s)
+        return pull(dw().astype(out.dtype))[0]          # ΔW is f32 where x and g are bf16
+    out, pull = jax.vjp(lambda s_: matvec(s_, x), s)
+    return pull(g.astype(out.dtype))[0]
 
 
 def kron_grad_batched(s: Kron, d_in: int, d_out: int) -> bool:
@@ -339,78 +336,20 @@ def runtime_one(step: Array) -> Array:
     return jnp.where(step >= 0, jnp.float32(1.0), jnp.float32(2.0))
 
 
-# --- routing ordinary Flax modules through the op ------------------------------------------------
-class Hot(NamedTuple):
-    """What the hook needs about one adapted kernel."""
-    kernel: Array           # the materialised kernel placed in the params (kept alive: keys are its id)
-    base: Array             # the frozen base as a [d_in, d_out] matrix
-    structure: Any          # the ΔW structure (traced, from the trainables)
-    view: views.View
-    path: str
-
-
-def _dense_layout(mod, kernel_shape, view: views.View) -> Optional[int]:
-    """Number of contracted input axes if ``mod`` computes ``x @ kernel`` over its trailing axes, else None."""
-    if mod.dot_general is not None or mod.dot_general_cls is not None:
-        return None
-    if type(mod) is nn.Dense:
-        n_in = 1
-    elif type(mod) is nn.DenseGeneral:
-        if mod.batch_dims:
-            return None
-        axes = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
-        n_in = len(axes)
-    else:
-        return None
-    if view.batch or view.inp != tuple(range(n_in)) or view.out != tuple(range(n_in, len(kernel_shape))):
-        return None
-    return n_in
-
-
-def _run_dense(mod, hot: Hot, x, n_in: int, record: dict, mode: Optional[bool]):
-    x = jnp.asarray(x)
-    if type(mod) is nn.DenseGeneral:
-        axes = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
-        if tuple(a % x.ndim for a in axes) != tuple(range(x.ndim - n_in, x.ndim)):
-            return None
-    bias = mod.get_variable("params", "bias") if mod.use_bias else None
-    dtype = mod.dtype or jnp.result_type(x, hot.base, *(() if bias is None else (bias,)))
-    lead = x.shape[:x.ndim - n_in]
-    x2 = x.reshape((math.prod(lead), hot.base.shape[0])).astype(dtype)
-    factored = prefer_factored(hot.structure, hot.base.shape, x2.shape[0]) if mode is None else mode
-    record[hot.path] = ("factored" if factored else "materialised", x2.shape[0])
-    y = structured_matmul(x2, hot.base, hot.structure, factored=factored)
-    features = mod.features if isinstance(mod.features, (tuple, list)) else (mod.features,)
-    y = y.reshape(lead + tuple(features))
-    if bias is not None:
-        y = y + jnp.asarray(bias, dtype)
-    return y
-
-
+# --- the barrier on linen norms ------------------------------------------------------------------
 @contextlib.contextmanager
-def intercept(hot: dict, *, one: Optional[Array] = None, mode: Optional[bool] = None,
-              record: Optional[dict] = None):
-    """Routes Dense/DenseGeneral calls on the kernels in ``hot`` (``{id(kernel array): Hot}``) through
-    :func:`structured_matmul`, and puts :func:`cotangent_barrier` after LayerNorm/RMSNorm when ``one``
-    is given. ``mode``: None = cheaper per call, True = factored, False = materialised. ``record``
-    receives ``{path: (forward chosen, tokens)}`` for each routed call."""
-    record = {} if record is None else record
+def norm_barriers(one: Optional[Array]):
+    """Puts :func:`cotangent_barrier` after every linen ``nn.LayerNorm`` / ``nn.RMSNorm`` called in the block
+    (nothing when ``one`` is None)."""
+    if one is None:
+        yield
+        return
 
     def hook(next_fun, args, kwargs, ctx):
-        mod = ctx.module
-        if ctx.method_name == "__call__" and args and not kwargs and hot \
-                and isinstance(mod, (nn.Dense, nn.DenseGeneral)) and mod.has_variable("params", "kernel"):
-            kernel = mod.get_variable("params", "kernel")
-            h = hot.get(id(kernel))
-            if h is not None:
-                n_in = _dense_layout(mod, kernel.shape, h.view)
-                y = None if n_in is None else _run_dense(mod, h, args[0], n_in, record, mode)
-                if y is not None:
-                    return y
         out = next_fun(*args, **kwargs)
-        if one is not None and ctx.method_name == "__call__" and isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        if ctx.method_name == "__call__" and isinstance(ctx.module, (nn.LayerNorm, nn.RMSNorm)):
             out = cotangent_barrier(out, one)
         return out
 
     with nn.intercept_methods(hook):
-        yield record
+        yield

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reparam import matmul, structure, views
+from reparam import structure, views
 from reparam.core import Reparam, ReparamError
 
 PyTree = Any
@@ -77,7 +77,6 @@ class Plan:
         self.rules, self.leaves, self.treedef = list(rules), tuple(leaves), treedef
         self.trainable_dtype = trainable_dtype
         self._shapes = shapes   # per leaf: (frozen, trainable) ShapeDtypeStructs or None (data-driven)
-        self.routing: dict[str, tuple[str, int]] = {}   # filled when a train step traces: path -> (forward, tokens)
 
     # --- init / apply / merge -------------------------------------------------------------
     def init(self, key: jax.Array, params: PyTree, calib: Optional[dict] = None):
@@ -139,28 +138,37 @@ class Plan:
 
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
-        return self.routed(frozen, trainable, rng, route=False)[0]
+        return self.treedef.unflatten(self.leaf_values(frozen, trainable, rng))
 
-    def routed(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None, *,
-               route: bool = True) -> tuple[PyTree, dict]:
-        """``(params, hot)``: the effective params (as :meth:`apply`) and, for each adapted leaf whose
-        transform declares a ΔW structure on an un-stacked view, a :class:`reparam.matmul.Hot` keyed by
-        the id of its array in ``params`` -- what :func:`reparam.matmul.intercept` routes."""
+    def leaf_values(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None,
+                    skip: Sequence[int] = ()) -> list:
+        """The effective weight of each leaf (as :meth:`apply`, flat), ``None`` at the indices in ``skip``."""
         fl = self.treedef.flatten_up_to(frozen)
-        out, hot = [], {}
+        out = []
         for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
             t = leaf.transform
-            if t is None:
-                out.append(f["base"])
-                continue
-            if t.stochastic:
-                kw = {**kw, "rng": None if rng is None else jax.random.fold_in(rng, i)}
-            w = t.apply(f, tr, **kw)
-            out.append(w)
-            if route and t.structure is not None and leaf.view is not None and not leaf.view.batch:
-                hot[id(w)] = matmul.Hot(w, views.to_matrix(leaf.view, f["base"]), t.structure(f, tr, **kw),
-                                        leaf.view, leaf.path)
-        return self.treedef.unflatten(out), hot
+            out.append(None if i in skip else f["base"] if t is None else t.apply(f, tr, **self._kw(t, kw, rng, i)))
+        return out
+
+    @staticmethod
+    def _kw(t: Reparam, kw: dict, rng, i: int) -> dict:
+        if t.stochastic:
+            return {**kw, "rng": None if rng is None else jax.random.fold_in(rng, i)}
+        return kw
+
+    def structures(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> list:
+        """Per leaf, ``(base, s)`` where its transform declares a ΔW structure (:mod:`reparam.structure`):
+        the frozen base as its ``[*stacked, d_in, d_out]`` matrix view and the structure (batched over
+        stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes."""
+        fl = self.treedef.flatten_up_to(frozen)
+        out = []
+        for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
+            t = leaf.transform
+            if t is None or t.structure is None or leaf.view is None:
+                out.append(None)
+            else:
+                out.append((views.to_matrix(leaf.view, f["base"]), t.structure(f, tr, **self._kw(t, kw, rng, i))))
+        return out
 
     def merge(self, frozen: PyTree, trainable: PyTree) -> PyTree:
         """Bakes every transform into plain params (eval mode): zero inference cost."""
@@ -193,10 +201,10 @@ class Plan:
         return [None if s is None else sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(s[1]))
                 for s in self._shapes]
 
-    def matmul_routes(self, trainable: Optional[PyTree] = None) -> dict[str, Optional[int]]:
-        """``{path: crossover}`` for every adapted leaf: the train step's forward is factored below
-        ``crossover`` tokens per call and materialised above (:func:`reparam.structure.crossover`);
-        ``None`` where the leaf trains by plain autodiff (no structure, or a stacked view), ``-1``
+    def crossovers(self, trainable: Optional[PyTree] = None) -> dict[str, Optional[int]]:
+        """``{path: tokens}`` for every adapted leaf: below this many tokens per call the structured op's
+        forward is factored, from it materialised (:func:`reparam.structure.crossover`, per layer for
+        stacked kernels); ``None`` where the transform declares no ΔW structure (plain autodiff), ``-1``
         where the shapes are not known yet (a data-driven init before ``plan.init``)."""
         if trainable is None:
             trainable = self.treedef.unflatten([{} if s is None else s[1] for s in self._shapes])
@@ -205,34 +213,35 @@ class Plan:
             t = leaf.transform
             if t is None:
                 continue
-            if t.structure is None or leaf.view is None or leaf.view.batch:
+            if t.structure is None or leaf.view is None:
                 out[leaf.path] = None
             elif s is None or not tr:
                 out[leaf.path] = -1
             else:
                 st = jax.eval_shape(lambda f, x: t.structure(f, x, **kw), s[0], tr)
-                m = views.to_matrix(leaf.view, np.empty(leaf.shape, np.int8)).shape
+                nb = len(leaf.view.batch)
+                st = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[nb:], a.dtype), st)
+                m = views.to_matrix(leaf.view, np.empty(leaf.shape, np.int8)).shape[-2:]
                 out[leaf.path] = structure.crossover(st, m)
         return out
 
-    def _matmul_cell(self, path: str, crossover: Optional[int]) -> str:
-        if crossover is None:
-            return "autodiff"
-        rule = "custom-vjp" if crossover < 0 else f"custom-vjp, factored < {crossover} tok"
-        if path in self.routing:
-            mode, tokens = self.routing[path]
-            return f"{mode} @ {tokens} tok ({rule})"
-        return rule
+    def _matmul_cell(self, leaf: Leaf, routing) -> str:
+        if leaf.transform.structure is None or leaf.view is None:
+            return "autodiff (no ΔW structure)"
+        if routing is None:
+            return "structured (untraced)"
+        return routing.cell(leaf.path)
 
-    def summary(self, trainable: Optional[PyTree] = None) -> str:
+    def summary(self, trainable: Optional[PyTree] = None, routing=None) -> str:
         """A table of adapted paths: shape, matrix view, transform, train-step matmul, trainable count; totals.
 
-        The matmul column says how the train step computes the leaf: ``autodiff`` (through the
-        materialised weight) or ``custom-vjp`` with the token count below which its forward is
-        factored; after a train step has been traced, the forward it chose at how many tokens.
+        The matmul column says how a train step computes each leaf's uses. Without ``routing``: ``autodiff (no
+        ΔW structure)``, or ``structured (untraced)`` for a transform whose structure a step may route. With
+        ``routing=step.routing`` (:class:`reparam.route.Routing`, filled when the step was traced): how many
+        of the leaf's uses in the loss ran the structured op, with the forward each chose and its tokens
+        per call, and the reason of each use that fell back to plain autodiff.
         """
         counts = self.trainable_counts(trainable)
-        routes = self.matmul_routes(trainable)
         rows = [("path", "shape", "view", "transform", "matmul", "trainable")]
         n_total = sum(math.prod(leaf.shape) for leaf in self.leaves)
         n_frozen_leaves = 0
@@ -243,7 +252,7 @@ class Plan:
             v = leaf.view
             view = "" if v is None or v.is_trivial() else f"b{v.batch} in{v.inp} out{v.out}"
             rows.append((leaf.path, "x".join(map(str, leaf.shape)), view, leaf.transform.name,
-                         self._matmul_cell(leaf.path, routes[leaf.path]), "?" if c is None else f"{c:,}"))
+                         self._matmul_cell(leaf, routing), "?" if c is None else f"{c:,}"))
         n_train = sum(c or 0 for c in counts)
         widths = [max(len(r[j]) for r in rows) for j in range(6)]
         fmt = lambda r: "  ".join(x.rjust(w) if j == 5 else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))

@@ -371,8 +371,8 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
     ``fsdp``); batches may be host arrays (placed by jit) or arrays from :func:`shard_batch` /
     :func:`global_batch`. The specs alone make XLA form each effective weight where its base lives.
     ``constrain=True`` also pins each effective weight to its base's spec (``with_sharding_constraint``
-    on the params the loss sees); the new arrays are not the ones the structured-matmul hot path of
-    :mod:`reparam.train` recognises, so that path is then off (plain autodiff).
+    on the params the loss sees); the constrained weights are materialised, so the structured-matmul hot path
+    is then off for them (plain autodiff, reported in ``step.routing``).
     """
     if specs.state is None:
         raise ReparamError("make_train_step needs the TrainState's specs; build them with "
@@ -385,9 +385,10 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
     step = train.make_train_step(plan, pinned_loss if constrain else loss_fn, optimizer, jit=False,
                                  **train_kwargs)
     state_sh = shardings(specs.state, mesh)
-    return jax.jit(step, in_shardings=(state_sh, shardings(specs.frozen, mesh),
-                                       NamedSharding(mesh, data_spec(mesh, data_axes))),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,) if donate else ())
+    return train.TrainStep(jax.jit(step, in_shardings=(state_sh, shardings(specs.frozen, mesh),
+                                                       NamedSharding(mesh, data_spec(mesh, data_axes))),
+                                   out_shardings=(state_sh, NamedSharding(mesh, P())),
+                                   donate_argnums=(0,) if donate else ()), step.routing)
 
 
 # --- HLO inspection ------------------------------------------------------------------------------------------

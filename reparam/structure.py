@@ -134,6 +134,15 @@ def dense(s, shape: tuple[int, int]) -> Array:
     raise TypeError(f"not a ΔW structure: {type(s).__name__}")
 
 
+def weight(base: Array, s) -> Array:
+    """The effective ``[d_in, d_out]`` weight of ``base`` and a structure: ``base + ΔW``, or ``(base + inner)·diag(c)``
+    for :class:`Scaled`; summed in float32 (at least) and cast to the base's dtype, as the transforms' ``apply``."""
+    f32 = jnp.promote_types(base.dtype, jnp.float32)
+    if isinstance(s, Scaled):
+        return ((base.astype(f32) + dense(s.inner, base.shape[-2:])) * s.c.astype(f32)).astype(base.dtype)
+    return (base.astype(f32) + dense(s, base.shape[-2:])).astype(base.dtype)
+
+
 def matvec(s, x: Array) -> Array:
     """``x @ ΔW`` for ``x [N, d_in]`` without forming ``ΔW``."""
     if isinstance(s, LowRank):

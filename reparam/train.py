@@ -11,14 +11,16 @@ the trainable arrays. A bf16 base with f32 adapters works as is: each
 transform returns the weight in the base's dtype and the gradient flows back
 to the f32 trainables.
 
-The hot path (``matmul="auto"``, the default): Dense/DenseGeneral layers whose
-kernel's transform declares a ΔW structure run through
-:func:`reparam.matmul.structured_matmul` -- a custom VJP whose backward gives
-the trainable gradient from the layer's input and output cotangent without
-forming ``dW = xᵀg`` -- and LayerNorm/RMSNorm outputs get a cotangent barrier
-(:mod:`reparam.matmul`). Same values and gradients as plain autodiff (float
-rounding); ``matmul="autodiff"`` turns both off, ``"factored"`` /
-``"materialised"`` force the forward. ``plan.summary()`` shows the choice.
+The hot path (``matmul="auto"``, the default): every contraction in the loss that
+consumes a weight whose transform declares a ΔW structure -- however the model is
+written: per-layer or scanned, linen or NNX, Dense or einsum, under remat or nested
+jit (:mod:`reparam.route`) -- runs :func:`reparam.matmul.structured_matmul`, a
+custom VJP whose backward gives the trainable gradient from the layer's input and
+output cotangent without forming ``dW = xᵀg``; linen LayerNorm/RMSNorm outputs get
+a cotangent barrier (:mod:`reparam.matmul`). Same values and gradients as plain
+autodiff (float rounding); ``matmul="autodiff"`` turns both off, ``"factored"`` /
+``"materialised"`` force the forward. ``step.routing`` records each use, and
+``plan.summary(routing=step.routing)`` shows it.
 
 On CPU, call :func:`use_huge_pages` at the start of a script: XLA:CPU
 allocates a step's temporaries afresh at each call and glibc maps them anew,
@@ -31,13 +33,13 @@ import os
 import platform
 import sys
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from reparam import matmul as mm
+from reparam import matmul as mm, route
 from reparam.core import ReparamError
 from reparam.plan import Plan
 
@@ -60,10 +62,46 @@ def _split_loss(out):
     return out if isinstance(out, tuple) else (out, {})
 
 
+class TrainStep:
+    """A jitted train step with its :class:`reparam.route.Routing` (``step.routing``, filled when it is traced);
+    every other attribute (``lower``, ``trace``, ...) is the jitted function's."""
+
+    def __init__(self, fn: Callable, routing: route.Routing):
+        self._fn, self.routing = fn, routing
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+def routed_loss(plan: Plan, loss_fn: Callable, frozen: PyTree, trainable: PyTree, batch: Any, k_apply, k_loss, *,
+                one=None, mode: Optional[bool] = None, routing: Optional[route.Routing] = None):
+    """``loss_fn(plan.apply(frozen, trainable, k_apply), batch, k_loss)`` with every contraction that consumes an
+    adapted weight with a ΔW structure run by the structured op (:mod:`reparam.route`), and a cotangent barrier
+    after each linen LayerNorm/RMSNorm when ``one`` is given (:func:`reparam.matmul.norm_barriers`)."""
+    routing = route.Routing() if routing is None else routing
+    structures = plan.structures(frozen, trainable, rng=k_apply)
+    skip = {i for i, s in enumerate(structures) if s is not None}
+    values = plan.leaf_values(frozen, trainable, rng=k_apply, skip=skip)
+    weights = {}
+    for i, (leaf, s) in enumerate(zip(plan.leaves, structures)):
+        if s is not None:
+            base, st = s
+            v = leaf.view
+            values[i] = jax.ShapeDtypeStruct(leaf.shape, base.dtype)
+            weights[i] = route.Weight(base, st, path=leaf.path, view=(v.batch, v.inp, v.out), shape=leaf.shape,
+                                      groups=tuple((a,) for a in range(len(leaf.shape))), dtype=base.dtype)
+    params = plan.treedef.unflatten(values)
+    with mm.norm_barriers(one):
+        return route.routed_call(loss_fn, weights, (params, batch, k_loss), mode=mode, record=routing)
+
+
 def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     donate: bool = True, jit: bool = True, remat: bool = False,
                     matmul: str = "auto") -> Callable:
-    """``step(state, frozen, batch) -> (state, metrics)``.
+    """``step(state, frozen, batch) -> (state, metrics)``, with ``step.routing`` (:class:`reparam.route.Routing`).
 
     ``loss_fn(params, batch, rng) -> loss`` or ``(loss, metrics)``, where
     ``params`` is ``plan.apply(frozen, trainable, rng)``; the plan's penalty
@@ -71,11 +109,14 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
     and ``penalty``. ``remat`` recomputes the forward pass in the backward
     (``jax.checkpoint`` around the loss) instead of storing activations: less
     peak memory for about one more forward per step. ``matmul``: ``"auto"``,
-    ``"factored"``, ``"materialised"`` or ``"autodiff"`` (see the module docstring).
+    ``"factored"``, ``"materialised"`` or ``"autodiff"`` (see the module docstring);
+    with ``"auto"`` a warning names the structured weights whose uses fell back to autodiff.
     """
     modes = {"auto": None, "factored": True, "materialised": False, "autodiff": None}
     if matmul not in modes:
         raise ReparamError(f"make_train_step: matmul must be one of {sorted(modes)}, got {matmul!r}.")
+    routing = route.Routing()
+    warned = []
 
     def step(state: TrainState, frozen: PyTree, batch: Any):
         rng, k_apply, k_loss = jax.random.split(state.rng, 3)
@@ -83,9 +124,8 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
         def forward(trainable):
             if matmul == "autodiff":
                 return loss_fn(plan.apply(frozen, trainable, rng=k_apply), batch, k_loss)
-            params, hot = plan.routed(frozen, trainable, rng=k_apply)
-            with mm.intercept(hot, one=mm.runtime_one(state.step), mode=modes[matmul], record=plan.routing):
-                return loss_fn(params, batch, k_loss)
+            return routed_loss(plan, loss_fn, frozen, trainable, batch, k_apply, k_loss,
+                               one=mm.runtime_one(state.step), mode=modes[matmul], routing=routing)
 
         def objective(trainable):
             loss, metrics = _split_loss(forward(trainable))
@@ -94,13 +134,21 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
 
         grads, metrics = jax.grad(jax.checkpoint(objective) if remat else objective,
                                   has_aux=True)(state.trainable)
+        fallbacks = routing.fallbacks()
+        if matmul == "auto" and fallbacks and not warned:
+            warned.append(True)
+            warnings.warn("reparam: uses of structured weights fell back to plain autodiff (they form the full "
+                          "weight gradient xᵀg): " + "; ".join(f"{p}: {', '.join(sorted(set(r)))}"
+                                                              for p, r in sorted(fallbacks.items()))
+                          + ". See plan.summary(routing=step.routing).", stacklevel=2)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, rng), metrics
 
+    step.routing = routing
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return TrainStep(jax.jit(step, donate_argnums=(0,) if donate else ()), routing)
 
 
 def make_eval_step(plan: Plan, metrics_fn: Callable, *, jit: bool = True) -> Callable:

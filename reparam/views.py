@@ -157,9 +157,9 @@ def viewed(t: Reparam, view: View, shape: tuple[int, ...]) -> Reparam:
     def penalty(fr, tr, **kw):
         return lift(lambda f, x: t.penalty(f, x, **kw))(as_matrix(fr), tr).sum()
 
-    def structure(fr, tr, **kw):      # the hot path routes un-stacked views only (batch axes: autodiff)
-        return t.structure(as_matrix(fr), tr, **kw)
+    def structure(fr, tr, **kw):      # stacked views: one structure per layer, batched over the stacked axes
+        return lift(lambda f, x: t.structure(f, x, **kw))(as_matrix(fr), tr)
 
     return t._replace(init=init, apply=apply, delta=None,
                       penalty=penalty if t.penalty is not None else None,
-                      structure=structure if t.structure is not None and not nb else None)
+                      structure=structure if t.structure is not None else None)

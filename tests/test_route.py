@@ -1,0 +1,161 @@
+"""Routing does not depend on how the model is written (reparam.route).
+
+A small Llama-style decoder in four forms (linen per-layer Dense, linen nn.scan with DenseGeneral/Einsum,
+NNX, a plain function of a dict under lax.scan and jax.checkpoint) trains with the hot path to the values
+of plain autodiff; its compiled LoRA step forms no xᵀg in any form; uses the router cannot take are
+reported and warned about, and still train correctly.
+"""
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reparam as rp
+from experiments.models import decoder_forms as D
+from tests.methods import perturb
+from tests.test_matmul import _dot_shapes
+
+CFG = D.Config(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=64)
+BATCH = D.batch(CFG, n=3, t=10)                 # 30 tokens: no other dot of the step contracts 30 rows
+METHODS = {"lora": lambda: rp.lora(4, alpha=8), "dora": lambda: rp.dora(4, alpha=8), "pissa": lambda: rp.pissa(4),
+           "vera": lambda: rp.vera(8), "lokr": lambda: rp.lokr(2), "sparse": lambda: rp.sparse.random(density=0.1),
+           "lora+sparse": lambda: rp.add(rp.lora(2), rp.sparse.random(density=0.05))}
+
+
+def _run(plan, loss, frozen, trainable, mode, steps=2):
+    opt = optax.sgd(0.05)
+    step = rp.train.make_train_step(plan, loss, opt, matmul=mode, donate=False)
+    state = rp.train.init_state(trainable, opt, jax.random.key(5))
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, frozen, BATCH)
+        losses.append(float(m["loss"]))
+    return losses, state.trainable, step
+
+
+def _setup(form, method, dtype=None):
+    params, loss, rules_for = D.make(form, CFG)
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    if method == "mixed":       # one method per projection: lora, dora, pissa, vera, lokr, sparse, then lora+sparse
+        names = D.PROJ[form]
+        t = {name: METHODS[m]() for name, m in zip(names, ("lora", "dora", "pissa", "vera", "lokr", "sparse"))}
+        t.update({name: METHODS["lora+sparse"]() for name in names[6:]})
+    else:
+        t = METHODS[method]()
+    plan = rp.plan(rules_for(t), params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    return plan, loss, frozen, perturb(trainable, jax.random.key(2), 0.05)
+
+
+@pytest.mark.parametrize("method", ["mixed", "lora+sparse"])
+@pytest.mark.parametrize("form", D.FORMS)
+def test_every_form_trains_like_autodiff(form, method):
+    """Two steps with the hot path equal plain autodiff to 1e-5, and every projection's use was routed: lora,
+    dora, pissa, vera, lokr, sparse.random and add(lora, sparse.random), one per projection ("mixed"; the
+    scanned form's fused gate/up takes lokr, its down the sparse part), and add(lora, sparse) on all."""
+    plan, loss, frozen, trainable = _setup(form, method)
+    ref_losses, ref, _ = _run(plan, loss, frozen, trainable, "autodiff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # no fallback warning: everything is routed
+        losses, got, step = _run(plan, loss, frozen, trainable, "auto")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert set(step.routing.uses) == set(plan.adapted())
+    assert not step.routing.fallbacks(), step.routing.report()
+
+
+@pytest.mark.parametrize("form", D.FORMS)
+def test_bf16_base_trains_like_autodiff(form):
+    plan, loss, frozen, trainable = _setup(form, "lora", jnp.bfloat16)
+    ref_losses, ref, _ = _run(plan, loss, frozen, trainable, "autodiff")
+    losses, got, step = _run(plan, loss, frozen, trainable, "auto")
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(b, a, rtol=5e-2, atol=5e-3)
+    assert not step.routing.fallbacks()
+
+
+def _weight_grads(plan, loss, frozen, trainable, mode):
+    """Dots of the compiled step that contract the 30 tokens into a result the size of an adapted kernel."""
+    opt = optax.sgd(0.1)
+    step = rp.train.make_train_step(plan, loss, opt, matmul=mode, donate=False)
+    hlo = step.lower(rp.train.init_state(trainable, opt, jax.random.key(0)), frozen, BATCH).compile().as_text()
+    shapes = set()
+    for leaf in plan.leaves:
+        if leaf.transform is not None:
+            v, per_layer = leaf.view, [n for a, n in enumerate(leaf.shape) if a not in leaf.view.batch]
+            m = (int(np.prod([leaf.shape[a] for a in v.inp])), int(np.prod([leaf.shape[a] for a in v.out])))
+            shapes |= {tuple(sorted(m)), tuple(sorted(per_layer))}
+    tokens = BATCH["ids"].size
+    return [d for d in _dot_shapes(hlo) if tuple(sorted(n for n in d[0] if n != 1)) in shapes
+            and int(np.prod(d[1])) == tokens]
+
+
+@pytest.mark.parametrize("form", D.FORMS)
+def test_lora_step_never_forms_the_weight_gradient(form):
+    """In every form the compiled LoRA step has no xᵀg dot; plain autodiff has one per kernel (so the check can fail)."""
+    plan, loss, frozen, trainable = _setup(form, "lora")
+    assert _weight_grads(plan, loss, frozen, trainable, "autodiff")
+    assert not _weight_grads(plan, loss, frozen, trainable, "auto")
+
+
+def test_linen_remat_is_routed():
+    """``nn.remat(Block)``: the uses inside the rematerialised blocks are routed, the values are autodiff's."""
+    params, loss, rules_for = D.make("linen", CFG, remat=True)
+    plan = rp.plan(rules_for(rp.lora(4)), params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    trainable = perturb(trainable, jax.random.key(2), 0.05)
+    ref_losses, ref, _ = _run(plan, loss, frozen, trainable, "autodiff")
+    losses, got, step = _run(plan, loss, frozen, trainable, "auto")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert set(step.routing.uses) == set(plan.adapted()) and not step.routing.fallbacks()
+
+
+def test_fallbacks_are_reported_warned_and_correct():
+    """The tied embedding (a gather, and a head that contracts its output axis) and a kernel scaled in the loss
+    cannot take the structured op: they fall back to autodiff, the step warns once naming them, the summary
+    says why -- and the step still equals plain autodiff. A kernel copied with ``jnp.array`` is still routed."""
+    params = D.function_params(CFG, jax.random.key(0))
+
+    def loss(p, batch, rng):
+        p = {**p, "layers": {**p["layers"], "q": jnp.array(p["layers"]["q"]), "k": p["layers"]["k"] * 1.5}}
+        return D.next_token_loss(D.function_logits(p, batch["ids"], CFG), batch["ids"])
+    plan = rp.plan([(r"embed", rp.lora(4)), (r"layers/(q|k|v)", rp.on_axes(rp.lora(4), batch_axes=(0,)))], params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    trainable = perturb(trainable, jax.random.key(2), 0.05)
+    ref_losses, ref, _ = _run(plan, loss, frozen, trainable, "autodiff")
+    with pytest.warns(UserWarning, match=r"fell back to plain autodiff.*embed: .*gather \(embedding lookup\)") as rec:
+        losses, got, step = _run(plan, loss, frozen, trainable, "auto")
+    assert len([w for w in rec if "fell back" in str(w.message)]) == 1          # once, not per step
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    fallbacks = step.routing.fallbacks()
+    assert set(fallbacks) == {"embed", "layers/k"}, step.routing.report()
+    assert "gather (embedding lookup)" in fallbacks["embed"]
+    assert any("not the view's inputs" in r for r in fallbacks["embed"])        # the tied head: x @ embed.T
+    assert fallbacks["layers/k"] == ["mul"]
+    text = plan.summary(routing=step.routing)
+    assert re.search(r"layers/q .* 1/1 routed \(materialised @ 30 tok x2 layers\)", text), text
+    assert re.search(r"embed .* 0/2 routed; autodiff: .*gather", text), text
+    assert "custom-vjp" not in text
+
+
+def test_routing_record_belongs_to_the_step():
+    """Two steps of one plan keep their own records; tracing leaves the plan unchanged."""
+    plan, loss, frozen, trainable = _setup("linen", "lora")
+    before = plan.summary()
+    _, _, s1 = _run(plan, loss, frozen, trainable, "factored", steps=1)
+    _, _, s2 = _run(plan, loss, frozen, trainable, "materialised", steps=1)
+    assert plan.summary() == before
+    assert {u.route for sites in s1.routing.uses.values() for u in sites.values()} == {"factored"}
+    assert {u.route for sites in s2.routing.uses.values() for u in sites.values()} == {"materialised"}
