@@ -12,7 +12,7 @@ MiniLM benchmark's batch of 32x64 = 2048 tokens), the gradient of the adapter fr
   is :func:`reparam.sampled.sampled_dot` (the CPU path);
 - FourierFT, ``n = 1000`` frequencies of ``s·Re(ifft2(C))``: ``dense`` maps ``xᵀg`` by the real-FFT
   2-D adjoint and reads the support (the path off CPU), ``half`` samples the rows' real-FFT half
-  spectra with the kernel (:func:`reparam.matmul._half_spectrum_grad`, the CPU path);
+  spectra with the kernel (:func:`reparam.structure.half_spectrum_grad`, the CPU path);
 - Kronecker ``ΔW = a ⊗ b`` (LoKr / KronA factors): ``dense`` projects ``xᵀg`` onto ``a`` and ``b``,
   ``vec`` is autodiff of the vec-trick matvec, ``batched`` is the hot path's per-token products;
 - Compacter ``ΔW = Σ_k a_k ⊗ (b_k v_k)`` (``n = 4`` terms, rank 8 blocks): ``dense`` projects ``xᵀg``,
@@ -77,7 +77,7 @@ def fourier_rows(d_in, d_out, n, repeats, k=1000):
     x = jnp.asarray(rng.standard_normal((n, d_in)), jnp.float32)
     h = jnp.asarray(rng.standard_normal((n, d_out)), jnp.float32)
     ways = {"dense": lambda x, h: s.scale * s.adjoint(x.T @ jnp.tanh(h)).reshape(-1)[idx],
-            "half": lambda x, h: mm._half_spectrum_grad(s, x, jnp.tanh(h))}
+            "half": lambda x, h: S.half_spectrum_grad(s, x, jnp.tanh(h))}
     ms = {k_: timed(f, x, h, repeats=repeats) for k_, f in ways.items()}
     print(f"fourier {d_in}x{d_out} n {k}  " + "  ".join(f"{k_} {v:7.2f}" for k_, v in ms.items()), flush=True)
     return [{"kind": "fourierft", "shape": [d_in, d_out], "tokens": n, "k": k, "ms": ms,
@@ -105,7 +105,7 @@ def kron_rows(d_in, d_out, n, repeats):
                jnp.asarray(rng.standard_normal((1, b1, b2)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((n, d_in)), jnp.float32)
     h = jnp.asarray(rng.standard_normal((n, d_out)), jnp.float32)
-    ways = {**autodiff_ways(s, d_in, d_out), "batched": lambda x, h: mm._kron_grad(s, x, jnp.tanh(h))}
+    ways = {**autodiff_ways(s, d_in, d_out), "batched": lambda x, h: S.kron_grad(s, x, jnp.tanh(h))}
     ms = {k: timed(f, x, h, repeats=repeats) for k, f in ways.items()}
     print(f"kron   {d_in}x{d_out} a {a1}x{a2} b {b1}x{b2}  " + "  ".join(f"{k} {v:7.2f}" for k, v in ms.items()),
           flush=True)
@@ -118,7 +118,7 @@ def compacter_rows(d_in, d_out, n, repeats, k=4, r=8):
     arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     s = S.Kron(arr(k, k, k), arr(k, d_in // k, r), arr(k, r, d_out // k))
     x, h = arr(n, d_in), arr(n, d_out)
-    ways = {**autodiff_ways(s, d_in, d_out), "lowrank": lambda x, h: mm._kron_lowrank_grad(s, x, jnp.tanh(h))}
+    ways = {**autodiff_ways(s, d_in, d_out), "lowrank": lambda x, h: S.kron_lowrank_grad(s, x, jnp.tanh(h))}
     ms = {k_: timed(f, x, h, repeats=repeats) for k_, f in ways.items()}
     print(f"compacter {d_in}x{d_out} n {k} r {r}  " + "  ".join(f"{k_} {v:7.2f}" for k_, v in ms.items()), flush=True)
     return [{"kind": "compacter", "shape": [d_in, d_out], "tokens": n, "terms": k, "rank": r, "ms": ms,

@@ -72,7 +72,7 @@ def sweep(args) -> list[dict]:
                 res = time_step(d, n, t, mode, args.repeats)
                 row[f"{mode}_ms"], row[f"{mode}_peak_mb"] = res["ms"], res["peak_mb"]
             plan = rp.plan([(r"dense/kernel", t)], {"dense": {"kernel": jnp.zeros((d, d))}})
-            row["crossover_tokens"] = plan.matmul_routes()["dense/kernel"]
+            row["crossover_tokens"] = plan.crossovers()["dense/kernel"]
             rows.append(row)
             print(f"{name:>11} N={n:>5}: " + "  ".join(f"{m} {row[m + '_ms']:7.2f} ms" for m in MODES)
                   + f"  (factored below {row['crossover_tokens']} tok)", flush=True)

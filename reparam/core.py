@@ -70,12 +70,31 @@ class Reparam(NamedTuple):
     shared: Optional[Callable[[Array], PyTree]] = None
     structure: Optional[Callable[..., Any]] = None
 
+    @property
+    def ident(self) -> Ident:
+        """The transform's identity (:class:`Ident`); a transform named by a plain string has no hparams."""
+        return self.name if isinstance(self.name, Ident) else Ident(str(self.name), text=str(self.name))
 
-def fmt_name(method: str, **hparams) -> str:
-    """``fmt_name("lora", r=8, alpha=16)`` -> ``"lora(r=8, alpha=16)"`` (None values dropped)."""
-    args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in hparams.items() if v is not None and v is not False)
-    return f"{method}({args})"
+
+class Ident(str):
+    """A transform's name, ``"lora(r=8, alpha=16)"``, that carries its identity as fields: ``method`` (``"lora"``)
+    and ``hparams`` (``{"r": 8, "alpha": 16}``, the constructor's arguments; None and False dropped).
+    Code that needs the method or a hyperparameter (PEFT interop, sharding, the runner) reads the fields,
+    never the text; the text is for people (``plan.summary()``, errors)."""
+    method: str
+    hparams: dict
+
+    def __new__(cls, method: str, *, text: Optional[str] = None, **hparams):
+        hp = {k: v for k, v in hparams.items() if v is not None and v is not False}
+        if text is None:
+            text = f"{method}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in hp.items()) + ")"
+        self = super().__new__(cls, text)
+        self.method, self.hparams = method, hp
+        return self
+
+
+fmt_name = Ident        # the constructors' spelling: rp.lora's name is fmt_name("lora", r=rank, alpha=alpha)
 
 
 def additive(name: str, init: Callable, delta: Optional[Callable] = None, *,
@@ -108,12 +127,12 @@ def additive(name: str, init: Callable, delta: Optional[Callable] = None, *,
 def full() -> Reparam:
     """Full fine-tuning of the leaf: ``W = θ``, θ trainable, initialised to ``W0``."""
     return Reparam(init=lambda key, w, calib=None: ({}, {"w": w}),
-                   apply=lambda frozen, trainable: trainable["w"], name="full")
+                   apply=lambda frozen, trainable: trainable["w"], name=Ident("full", text="full"))
 
 
 def frozen() -> Reparam:
     """Leaves the weight as it is: ``W = W0``, nothing trained."""
-    return additive("frozen", lambda key, w, calib=None: ({"base": w}, {}),
+    return additive(Ident("frozen", text="frozen"), lambda key, w, calib=None: ({"base": w}, {}),
                     lambda frozen, trainable: jnp.zeros((), frozen["base"].dtype))
 
 
@@ -167,7 +186,8 @@ def add(*transforms: Reparam) -> Reparam:
                          for t, f, tr, k in zip(transforms, frozen["parts"], trainable, keys)))
 
     calibs = {t.calib for t in transforms if t.calib}
-    return additive("add(" + ", ".join(t.name for t in transforms) + ")", init, delta,
+    return additive(Ident("add", parts=tuple(t.ident for t in transforms),
+                          text="add(" + ", ".join(t.name for t in transforms) + ")"), init, delta,
                     structure=structure if all(t.structure for t in transforms) else None,
                     penalty=penalty if any(t.penalty for t in transforms) else None,
                     stochastic=stochastic, calib=",".join(sorted(calibs)) or None)
@@ -250,6 +270,7 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
             s = inner.structure({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
             return InBasis(s, scale, basis)
 
-    return additive(f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})",
+    return additive(Ident("in_basis", basis=basis.name, inner=inner.ident, s=scale if scale != 1.0 else None,
+                          text=f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})"),
                     init, delta, structure=structure, penalty=None, stochastic=inner.stochastic,
                     calib=inner.calib, shared=inner.shared)

@@ -298,7 +298,7 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             continue
         used[hit] += 1
         t = rules[hit][1]
-        if len(shape) < 2 and t.name != "full":
+        if len(shape) < 2 and t.ident.method != "full":
             raise ReparamError(f"parameter '{p}' {shape}, rule {hit} ({rules[hit][0]!r} -> {t.name}): "
                                "a matrix transform needs a kernel with >= 2 dims; narrow the regex "
                                "(e.g. end it in '/kernel') or use rp.full() for biases and scales.")

@@ -4,10 +4,8 @@ By default the bases are never stored: ``frozen["key"]`` holds a PRNG key and
 ``delta`` regenerates them inside the jitted step, and again in the backward
 pass (the deltas are ``jax.checkpoint``-ed, so no basis is kept as a residual).
 ``store_bases=True`` instead draws them once at init into ``frozen["bases"]``
-(the key stays): more memory, a faster step where hashing is slow. On 2 CPU
-cores, MiniLM's train step (``benchmarks/minilm.py``'s setting, A/B in one
-process) took NOLA 1283 -> 962 ms, VeRA r=256 1798 -> 1523 ms, RandLoRA r=32
-1480 -> 1348 ms, against LoRA's 940. Either way a saved adapter is the key plus
+(the key stays): more memory, a faster step where hashing is slow (measured in
+``benchmarks/results/library_notes.md``). Either way a saved adapter is the key plus
 the trained vectors: frozen arrays are rebuilt by ``plan.init``, never checkpointed.
 
 Bases are counter-based (Salmon et al. 2011, "Random123"): entry ``(i, j)`` of

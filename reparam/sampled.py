@@ -3,15 +3,14 @@
 For ``y = x @ (W0 + ΔW)`` with ``ΔW`` zero off a support ``{(i_k, j_k)}`` of a ``[d_in, d_out]``
 weight, the gradient of the support's values is ``(xᵀg)[i_k, j_k]``: ``N·k`` multiply-adds for ``N``
 tokens, where the dense ``xᵀg`` costs ``N·d_in·d_out`` -- full fine-tuning's weight gradient. XLA has
-no sampled product, and XLA:CPU's gathers are slow (gathering the ``2·k`` length-``N`` columns of a 2%
-support of a 384x1536 kernel at 2048 tokens: 205 ms, against 19 ms for the dense GEMM), so
+no sampled product, and XLA:CPU's gathers of the ``2·k`` length-``N`` columns are slower than the dense
+GEMM (figures: ``benchmarks/results/library_notes.md``), so
 
 - on CPU, where numba is installed, :func:`sampled_dot` is an XLA FFI kernel compiled by numba at
   first use. It reads ``x`` and ``g`` row-major as XLA has them, transposes 256 tokens at a time into
-  cache-sized buffers and takes the ``k`` dot products over those tokens: 7.7 ms for that kernel
-  (``benchmarks/grad_paths.py``), on one thread, while XLA's pool runs the rest of the backward.
-  (Asking XLA for column-major ``x`` and ``g`` instead cost more than it saved: its layout copies
-  took ~400 ms of a MiniLM step);
+  cache-sized buffers and takes the ``k`` dot products over those tokens (``benchmarks/grad_paths.py``),
+  on one thread, while XLA's pool runs the rest of the backward (column-major ``x`` and ``g`` from XLA
+  cost more in layout copies than they saved);
 - elsewhere (GPU, TPU, or no numba) it reads the support off the dense ``xᵀg`` (``dense()``), which
   an accelerator's GEMM makes cheap.
 
@@ -124,7 +123,7 @@ def sampled_dot(x: Array, g: Array, idx: Array) -> Array:
     A complex ``x`` (or ``g``) is read, without a copy, as the real ``[N, 2·d]`` array of its interleaved
     real and imaginary parts (column ``2u`` is ``Re x[:, u]``, ``2u + 1`` is ``Im x[:, u]``), and
     ``d_in`` (``d_out``) above is that ``2·d``: how a DFT basis's half spectrum is sampled
-    (:func:`reparam.matmul._in_basis_grad`)."""
+    (:meth:`reparam.structure.InBasis.pullback`)."""
     if _kernel() is None:
         raise RuntimeError("reparam.sampled.sampled_dot needs numba (pip install numba); "
                            "reparam.sampled.choose falls back to the dense xᵀg without it.")

@@ -415,7 +415,7 @@ def gathered_weights(hlo_text: str, plan: Plan) -> list[str]:
     gathered = set(all_gathers(hlo_text))
     hits = []
     for leaf in plan.leaves:
-        if leaf.transform is None or leaf.view is None or leaf.transform.name == "full":
+        if leaf.transform is None or leaf.view is None or leaf.transform.ident.method == "full":
             continue
         v = leaf.view
         forms = {tuple(leaf.shape), tuple(leaf.shape[a] for a in v.batch) + (

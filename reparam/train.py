@@ -173,12 +173,11 @@ def huge_pages_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 def use_huge_pages() -> bool:
     """Runs this process with glibc's malloc on transparent huge pages: re-executes it once, if need be.
 
-    Every call of a compiled XLA:CPU step allocates its temporaries afresh (678 MB for the MiniLM LoRA step
-    of ``benchmarks/minilm.py``). glibc serves blocks over 32 MB with ``mmap`` and unmaps them on ``free``,
-    so each step faults them in again, 4 KiB at a time: there, ~180,000 page faults and ~0.55 s of kernel
-    time per step, a fifth of its CPU time. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for
-    2 MiB pages on those blocks: ~500 faults and ~0.12 s, with the same peak memory (memory is still given
-    back on ``free``). glibc reads the setting only at start-up, hence the re-execution (``os.execve`` of
+    Every call of a compiled XLA:CPU step allocates its temporaries afresh. glibc serves blocks over 32 MB
+    with ``mmap`` and unmaps them on ``free``, so each step faults them in again, 4 KiB at a time. With
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for 2 MiB pages on those blocks: far fewer faults,
+    the same peak memory (memory is still given back on ``free``; figures in
+    ``benchmarks/results/library_notes.md``). glibc reads the setting only at start-up, hence the re-execution (``os.execve`` of
     ``sys.orig_argv`` with :func:`huge_pages_env`): call this first in a script, before any real work.
 
     Returns ``True`` when the process runs with the setting, ``False`` where it does not apply and nothing

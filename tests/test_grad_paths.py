@@ -49,7 +49,7 @@ def test_half_spectrum_gradient_equals_the_dft_product(n, d_in, d_out, frac, see
     idx = np.sort(g_.choice(size, 1 + int(frac * (size - 1)), replace=False)).astype(np.int32)
     s = S.InBasis(S.Sparse(jnp.asarray(idx), jnp.zeros(idx.shape), d_out), 3.0, rp.fourier_basis())
     x, g = g_.standard_normal((n, d_in)), g_.standard_normal((n, d_out))
-    got = jax.jit(mm._half_spectrum_grad)(s, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+    got = jax.jit(S.half_spectrum_grad)(s, jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
     ref = 3.0 * np.real(np.fft.ifft(x, axis=-1).T @ np.fft.ifft(g, axis=-1)).reshape(-1)[idx]
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5 * np.sqrt(n))
 
@@ -96,7 +96,7 @@ def test_batched_kron_gradient_equals_the_vec_trick_pullback(k, a1, a2, b1, b2, 
     x = jnp.asarray(r.standard_normal((n, a1 * b1)), jnp.float32)
     g = jnp.asarray(r.standard_normal((n, a2 * b2)), jnp.float32)
     ref = jax.vjp(lambda s_: S.matvec(s_, x), s)[1](g)[0]
-    got = jax.jit(mm._kron_grad)(s, x, g)
+    got = jax.jit(S.kron_grad)(s, x, g)
     for a, b in ((ref.a, got.a), (ref.b, got.b)):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
@@ -113,7 +113,7 @@ def test_lowrank_kron_gradient_equals_the_matvec_pullback(k, a1, a2, b1, b2, r, 
     s = S.Kron(arr(k, a1, a2), arr(k, b1, r), arr(k, r, b2))
     x, g = arr(n, a1 * b1), arr(n, a2 * b2)
     ref = jax.vjp(lambda s_: S.matvec(s_, x), s)[1](g)[0]
-    got = jax.jit(mm._kron_lowrank_grad)(s, x, g)
+    got = jax.jit(S.kron_lowrank_grad)(s, x, g)
     via_blocks = jax.vjp(lambda a, b, v: S.matvec(S.Kron(a, jnp.einsum("kpr,krq->kpq", b, v)), x), s.a, s.b, s.v)[1](g)
     for want, have, dense_ in ((ref.a, got.a, via_blocks[0]), (ref.b, got.b, via_blocks[1]), (ref.v, got.v, via_blocks[2])):
         assert want.shape == have.shape
@@ -126,18 +126,18 @@ def test_kron_rule_takes_lokr_factors_not_compacter_terms():
     [96, 384] blocks, dense, by xᵀg, and low rank (as rp.compacter builds them) by rank-K·r GEMMs; and
     through the hot path a batched Kron's and a low-rank Kron's gradients equal autodiff."""
     kron = lambda k, a, b: S.Kron(jnp.ones((k, *a)), jnp.ones((k, *b)))
-    assert mm.kron_grad_batched(kron(1, (16, 32), (24, 48)), 384, 1536)
-    assert not mm.kron_grad_batched(kron(4, (4, 4), (96, 384)), 384, 1536)
-    assert mm.kron_grad_by_gemm(kron(4, (4, 4), (96, 384)), 2048, 384, 1536)
+    assert S.kron_grad_batched(kron(1, (16, 32), (24, 48)), 384, 1536)
+    assert not S.kron_grad_batched(kron(4, (4, 4), (96, 384)), 384, 1536)
+    assert S.kron_grad_by_gemm(kron(4, (4, 4), (96, 384)), 2048, 384, 1536)
     compacter = S.Kron(jnp.ones((4, 4, 4)), jnp.ones((4, 96, 8)), jnp.ones((4, 8, 384)))
-    assert not mm.kron_grad_batched(compacter, 384, 1536) and not mm.kron_grad_by_gemm(compacter, 2048, 384, 1536)
+    assert not S.kron_grad_batched(compacter, 384, 1536) and not S.kron_grad_by_gemm(compacter, 2048, 384, 1536)
     s = S.Kron(*(jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate([(2, 4, 3), (2, 5, 2), (2, 2, 8)])))
     base = jax.random.normal(jax.random.key(5), (20, 24))
     x, g = jax.random.normal(jax.random.key(6), (300, 20)), jax.random.normal(jax.random.key(7), (300, 24))
-    assert not mm.kron_grad_by_gemm(s, 300, 20, 24)
+    assert not S.kron_grad_by_gemm(s, 300, 20, 24)
     assert_hot_gradients_match_autodiff(s, base, x, g, tol=1e-3)
     s = S.Kron(jax.random.normal(jax.random.key(0), (1, 4, 6)), jax.random.normal(jax.random.key(1), (1, 5, 4)))
-    assert mm.kron_grad_batched(s, 20, 24)
+    assert S.kron_grad_batched(s, 20, 24)
     base = jax.random.normal(jax.random.key(2), (20, 24))
     x, g = jax.random.normal(jax.random.key(3), (700, 20)), jax.random.normal(jax.random.key(4), (700, 24))
     assert_hot_gradients_match_autodiff(s, base, x, g, tol=1e-3)

@@ -82,10 +82,10 @@ def test_high_rank_gradient_from_one_gemm_matches_autodiff():
     """Rank 7 of a 6 x 8 weight at 200 tokens: dL, dR come from dW = xᵀg (cheaper), still exact."""
     k = jax.random.split(jax.random.key(0), 5)
     d_in, d_out, r, n = 6, 8, 7, 200
-    assert mm.lowrank_grad_by_gemm(r, n, d_in, d_out) and not mm.lowrank_grad_by_gemm(8, 2048, 384, 384)
-    assert mm.lowrank_grad_by_gemm(256, 2048, 384, 384)                        # VeRA r=256 on MiniLM
-    assert mm.lowrank_grad_by_gemm(256, 2048, 384, 1536)                       # ... with both factors trained
-    assert not mm.lowrank_grad_by_gemm(256, 2048, 384, 1536, factors=1)        # VeRA's A is frozen
+    assert S.lowrank_grad_by_gemm(r, n, d_in, d_out) and not S.lowrank_grad_by_gemm(8, 2048, 384, 384)
+    assert S.lowrank_grad_by_gemm(256, 2048, 384, 384)                        # VeRA r=256 on MiniLM
+    assert S.lowrank_grad_by_gemm(256, 2048, 384, 1536)                       # ... with both factors trained
+    assert not S.lowrank_grad_by_gemm(256, 2048, 384, 1536, factors=1)        # VeRA's A is frozen
     s = S.LowRank(jax.random.normal(k[0], (d_in, r)), jax.random.normal(k[1], (r, d_out)))
     base, x = jax.random.normal(k[2], (d_in, d_out)), jax.random.normal(k[3], (n, d_in))
     g = jax.random.normal(k[4], (n, d_out))
@@ -299,9 +299,9 @@ def assert_hot_gradients_match_autodiff(s, base, x, g, tol=1e-5):
 
 def test_kron_gradient_from_dense_dw_at_many_tokens(monkeypatch):
     """From KRON_GEMM_TOKENS tokens the Kronecker factors' gradient comes from one xᵀg: same values."""
-    monkeypatch.setattr(mm, "KRON_GEMM_TOKENS", 1)
+    monkeypatch.setattr(S, "KRON_GEMM_TOKENS", 1)
     s = _structures(0, 8, 12)["kron"]
-    assert not mm.kron_grad_batched(s, 8, 12)
+    assert not S.kron_grad_batched(s, 8, 12)
     base = jax.random.normal(jax.random.key(1), (8, 12))
     x, g = jax.random.normal(jax.random.key(2), (5, 8)), jax.random.normal(jax.random.key(3), (5, 12))
     assert_hot_gradients_match_autodiff(s, base, x, g)

@@ -353,3 +353,21 @@ def test_weight_shaped_calibration_follows_the_matrix_view(block):
     top = np.sort(np.argsort(-np.abs(np.asarray(g)).ravel())[:5])
     np.testing.assert_array_equal(frozen["query"]["kernel"]["idx"], top)
     assert rel_err(plan.apply(frozen, trainable)["out"]["kernel"], params["out"]["kernel"]) < 1e-5
+
+
+def test_transform_identity_is_structured(tmp_path):
+    """A transform's method and hyperparameters are fields (read by interop and sharding), not parsed text."""
+    t = rp.lora(8, alpha=16)
+    assert (t.ident.method, t.ident.hparams, t.name) == ("lora", {"r": 8, "alpha": 16}, "lora(r=8, alpha=16)")
+    assert rp.on_axes(t, batch_axes=(0,)).ident.hparams == {"r": 8, "alpha": 16}
+    assert rp.lora(4, rslora=True).ident.method == "rslora" and rp.full().ident.method == "full"
+    both = rp.add(rp.lora(2), rp.sparse.random(density=0.1))
+    assert both.ident.method == "add" and [p.method for p in both.ident.hparams["parts"]] == ["lora", "sparse.random"]
+    assert rp.waveft(k=20).ident.method == "waveft" and rp.waveft(k=20).ident.hparams["k"] == 20
+    # a display name that says otherwise changes nothing: PEFT export reads the fields
+    renamed = t._replace(name=rp.core.Ident("lora", r=8, alpha=16, text="my adapter"))
+    params = {"q": {"kernel": jnp.ones((16, 8))}}
+    plan = rp.plan([(r"q/kernel", renamed)], params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    cfg = rp.interop.peft.export(plan, frozen, trainable, str(tmp_path), module_map={"q/kernel": "q"})
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16

@@ -78,17 +78,9 @@ class _Entry(NamedTuple):
     module: str           # torch module name, without "base_model.model."
     kind: str             # lora | principal | dora | vera | lokr
     transform: Reparam    # the rule's transform, on the [d_in, d_out] matrix view
-    hparams: dict         # parsed from transform.name
+    hparams: dict         # the transform's hyperparameters (transform.ident.hparams)
     frozen: dict          # the leaf's frozen entry, base viewed as a matrix
     shape: tuple          # (d_in, d_out)
-
-
-def _parse_name(name: str) -> tuple[str, dict]:
-    """``"lokr(r=2, alpha=4, factor=4)"`` -> ``("lokr", {"r": "2", "alpha": "4", "factor": "4"})``."""
-    m = re.fullmatch(r"(\w+)\((.*)\)", name)
-    if m is None:
-        return name, {}
-    return m.group(1), dict(kv.split("=", 1) for kv in m.group(2).split(", ") if "=" in kv)
 
 
 def _namer(module_map: ModuleMap) -> Callable[[str], str]:
@@ -114,7 +106,7 @@ def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
         if leaf.transform is None:
             continue
         t = plan.rules[leaf.rule][1]
-        method, hp = _parse_name(t.name)
+        method, hp = t.ident.method, t.ident.hparams
         kind = _KIND.get(method)
         where = f"parameter '{leaf.path}' (rule {leaf.rule} {plan.rules[leaf.rule][0]!r} -> {t.name})"
         if kind is None:
@@ -173,8 +165,8 @@ def _nice(x: float):
 
 def _rank(e: _Entry) -> int:
     if "r" not in e.hparams:
-        raise ReparamError(f"parameter '{e.path}': cannot read the rank from the transform name "
-                           f"{e.transform.name!r}; expected e.g. 'lokr(r=4, alpha=8)'.")
+        raise ReparamError(f"parameter '{e.path}': the transform {e.transform.name!r} has no rank r among its "
+                           f"hyperparameters {sorted(e.hparams)}; export lora / dora / vera / lokr rules.")
     return int(e.hparams["r"])
 
 
@@ -202,8 +194,7 @@ def _export_lora(entries, trs, initial, config):
     if "dora" in kinds and kinds != {"dora"}:
         raise ReparamError(f"one PEFT LoRA adapter is DoRA for all modules or for none (use_dora is global); "
                            f"this plan mixes {sorted(kinds)}: export them from separate plans.")
-    rslora = all(e.hparams.get("rslora") == "True" or _parse_name(e.transform.name)[0] == "rslora"
-                 for e in entries)
+    rslora = all(e.hparams.get("rslora") is True or e.transform.ident.method == "rslora" for e in entries)
     tensors, ranks, alphas = {}, [], []
     init_tr = None
     if "principal" in kinds:
@@ -270,7 +261,7 @@ def _export_vera(entries, trs, config):
 
 
 def _lokr_layout(entries):
-    layout = {(int(e.hparams.get("factor", -1)), e.hparams.get("decompose_both") == "True") for e in entries}
+    layout = {(int(e.hparams.get("factor", -1)), e.hparams.get("decompose_both") is True) for e in entries}
     if len(layout) > 1:
         raise ReparamError(f"PEFT's LoKr has one decompose_factor and decompose_both for all modules; this "
                            f"plan uses (factor, decompose_both) = {sorted(layout)}.")
@@ -355,7 +346,7 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
     for e in entries:
         want = {"lora": "LORA", "dora": "LORA", "vera": "VERA", "lokr": "LOKR"}.get(e.kind)
         ok = want == peft_type and (peft_type != "LORA" or use_dora == (e.kind == "dora"))
-        if e.kind == "principal" or _parse_name(e.transform.name)[0] == "eva":
+        if e.kind == "principal" or e.transform.ident.method == "eva":
             raise ReparamError(f"parameter '{e.path}' uses {e.transform.name}, whose init depends on W0 or data: "
                                "a PEFT adapter loads only into rp.lora / rp.dora / rp.vera / rp.lokr rules; use "
                                "one of those for this path.")
