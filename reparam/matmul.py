@@ -68,14 +68,16 @@ def _materialised(x, base, s):
 
 def _materialised_fwd(x, base, s):
     inner, right = split(s)
-    v = _weight(base, inner, x.dtype)
-    z = x @ v
-    return (z, (x, v, None, s)) if right is None else (right.times(z), (x, v, z, s))
+    z = x @ _weight(base, inner, x.dtype)
+    # the residuals are the frozen base and the structure, not W: a weight-sized residual per layer would be
+    # stacked by a scan over layers (and kept alive by any model); the backward forms W again (d_in·d_out·r)
+    return (z, (x, base, None, s)) if right is None else (right.times(z), (x, base, z, s))
 
 
 def _materialised_bwd(res, g):
-    x, v, z, s = res
+    x, base, z, s = res
     inner, right = split(s)
+    v = _weight(base, inner, x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
     return gz @ v.T, None, d_inner if right is None else right.r_pullback(z, g, d_inner)

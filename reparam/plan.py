@@ -273,7 +273,8 @@ class Plan:
 
 
 def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
-         trainable_dtype=jnp.float32) -> Plan:
+         trainable_dtype=jnp.float32, model=None, example: Sequence = (),
+         stacked: Optional[str] = None) -> Plan:
     """Assigns each leaf of ``params`` the transform of the first rule whose regex fullmatches its path.
 
     Shapes are checked here, abstractly (``jax.eval_shape``), so a rank above
@@ -281,13 +282,35 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
     with the path, the rule and the fix. Trainable arrays are cast to
     ``trainable_dtype`` (f32 by default, so a bf16 base trains f32 adapters;
     ``None`` keeps the dtype the transform produced).
+
+    ``model``: the function that uses the params, called as ``model(params, *example)`` (a loss
+    ``(params, batch, rng)`` with ``example=(batch, rng)``; arrays or ``jax.ShapeDtypeStruct`` s). It is
+    traced abstractly once, and each adapted kernel's matrix view is read from the contractions that
+    consume it (:func:`reparam.views.derive`): contracted kernel axes are inputs, kept ones outputs, dot
+    batch axes and axes scanned one layer at a time are stacked. Einsum / DenseGeneral / NNX kernels of any
+    rank then need no :func:`~reparam.views.on_axes`; a declared view that contradicts the contraction, or
+    a kernel contracted in two incompatible ways, is an error. Kernels the model does not contract keep
+    the view from their declaration or name.
+
+    ``stacked``: a regex of the paths whose leading axis stacks layers (``nn.scan`` / ``nnx.scan`` /
+    ``lax.scan`` over ``[layers, ...]`` kernels), declared once for every rule instead of
+    ``rp.on_axes(t, batch_axes=(0,))`` per rule: each layer gets its own adapter.
     """
     for i, r in enumerate(rules):
         if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], Reparam)):
             raise ReparamError(f"rule {i} must be a (regex, transform) pair like "
                                f"(r'.*/query/kernel', rp.lora(8)); got {r!r}.")
-    compiled = [re.compile(regex) for regex, _ in rules]
+    compiled = []
+    for i, (regex, t) in enumerate(rules):
+        try:
+            compiled.append(re.compile(regex))
+        except re.error as e:
+            raise ReparamError(f"rule {i} ({regex!r} -> {t.name}): invalid regex: {e}.") from None
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    derived = {}
+    if model is not None:
+        matched = {path_str(k) for k, _ in flat if any(c.fullmatch(path_str(k)) for c in compiled)}
+        derived = views.derive(model, params, tuple(example), matched)
     leaves, used = [], [0] * len(rules)
     for path, w in flat:
         p, shape = path_str(path), tuple(np.shape(w))
@@ -302,7 +325,16 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             raise ReparamError(f"parameter '{p}' {shape}, rule {hit} ({rules[hit][0]!r} -> {t.name}): "
                                "a matrix transform needs a kernel with >= 2 dims; narrow the regex "
                                "(e.g. end it in '/kernel') or use rp.full() for biases and scales.")
-        view = views.resolve(p, shape, t, rules[hit][0]) if len(shape) >= 2 else None
+        whole = t.ident.method == "full"           # trains the leaf as is, whatever its rank: no matrix view
+        if stacked is not None and not whole and re.fullmatch(stacked, p) and not (t.axes and t.axes.batch):
+            t = t._replace(axes=views.Axes((0,), *(t.axes[1:] if t.axes else (None, None))))
+        if len(shape) < 2 or whole:
+            view = None
+        elif p in derived:
+            view = views.from_uses(p, shape, derived[p], rules[hit][0])
+            views.check_declared(p, shape, t, view, rules[hit][0])
+        else:
+            view = views.resolve(p, shape, t, rules[hit][0])
         lifted = views.viewed(t, view, shape) if view is not None else t
         leaves.append(Leaf(p, shape, dtype, hit, lifted, view))
     unused = [i for i, n in enumerate(used) if n == 0]

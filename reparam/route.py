@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from reparam import structure as S
+from reparam import structure as S, views
 from reparam.matmul import structured_matmul
 
 Array = jax.Array
@@ -135,37 +135,8 @@ class Weight:
 
 # --- following layout ops ---------------------------------------------------------------------------
 def _regroup(w: Weight, new_shape: tuple[int, ...]) -> Optional[tuple]:
-    """Groups after a reshape to ``new_shape``, or None when it splits a kernel axis or mixes them otherwise."""
-    old = [(g, math.prod(w.shape[a] for a in g)) for g in w.groups]
-    big_old = [(tuple(a for a in g if w.shape[a] != 1), n) for g, n in old if n != 1]
-    big_new = [(i, n) for i, n in enumerate(new_shape) if n != 1]
-    groups: list = [()] * len(new_shape)
-    i = j = 0
-    while i < len(big_old) or j < len(big_new):
-        if i >= len(big_old) or j >= len(big_new):
-            return None
-        i2, j2, po, pn = i + 1, j + 1, big_old[i][1], big_new[j][1]
-        while po != pn:
-            if po < pn:
-                if i2 >= len(big_old):
-                    return None
-                po *= big_old[i2][1]
-                i2 += 1
-            else:
-                if j2 >= len(big_new):
-                    return None
-                pn *= big_new[j2][1]
-                j2 += 1
-        olds, news = big_old[i:i2], big_new[j:j2]
-        if len(news) == 1:
-            groups[news[0][0]] = tuple(a for g, _ in olds for a in g)
-        elif len(olds) == 1 and [w.shape[a] for a in olds[0][0]] == [n for _, n in news]:
-            for (k, _), a in zip(news, olds[0][0]):
-                groups[k] = (a,)
-        else:
-            return None
-        i, j = i2, j2
-    return tuple(groups)
+    """Groups after a reshape to ``new_shape`` (:func:`reparam.views.regroup`)."""
+    return views.regroup(w.groups, w.shape, new_shape)
 
 
 def _follow(eqn, w: Weight) -> Optional[Weight]:

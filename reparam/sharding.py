@@ -57,7 +57,7 @@ AXES = ("data", "fsdp", "model")   # the mesh axis names this module knows
 Rule = tuple[str, Union[P, dict]]   # (regex, spec) or (regex, {ndim: spec}) for one regex over several ranks
 
 _QKV = r".*(^|/)(query|key|value|q|k|v|q_proj|k_proj|v_proj)/kernel"
-_OUT = r".*(^|/)(out|o|o_proj|out_proj)/kernel"
+_OUT = r".*(^|/)(out|o|o_proj|out_proj|down|down_proj)/kernel"
 DEFAULT_RULES: tuple[Rule, ...] = (
     (_QKV, {3: P("fsdp", "model", None), 2: P("fsdp", "model")}),   # [d, heads, hd]: heads over model
     (_OUT, {3: P("model", None, "fsdp"), 2: P("model", "fsdp")}),   # [heads, hd, d]: row parallel
@@ -65,9 +65,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
                        5: P(None, None, None, "fsdp", "model")}),  # Dense: column parallel; conv: channels
 )
 """Megatron-style defaults: q/k/v and 2-D kernels column parallel (``d_out`` over ``model``, ``d_in`` over
-``fsdp``), attention outputs row parallel, conv kernels ``[..., c_in, c_out]`` on their channels; anything
-else (biases, norms, embeddings, ``nn.scan``-stacked kernels of another rank) replicated. Write your own rules
-for stacked layers, e.g. ``(r"layers/.*/kernel", P(None, "fsdp", "model"))``."""
+``fsdp``), attention outputs and MLP ``down`` projections row parallel, conv kernels ``[..., c_in, c_out]`` on
+their channels; anything else (biases, norms, embeddings) replicated. Rank-keyed rules describe one layer: a
+kernel the plan views with stacked layer axes (``nn.scan``, ``rp.on_axes(batch_axes=...)``) takes the rule of
+its per-layer rank, its layer axes unsharded (q ``[layers, d, heads, hd]``: ``P(None, "fsdp", "model", None)``)."""
 
 
 # --- mesh --------------------------------------------------------------------------------------------------
@@ -158,16 +159,22 @@ def _normalize(spec: P, shape: tuple[int, ...], mesh, where: str) -> P:
     return P(*entries)
 
 
-def rule_spec(path: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh) -> P:
+def rule_spec(path: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh, stacked: Sequence[int] = ()) -> P:
     """The spec of one array: the first rule whose regex fullmatches ``path`` (and, for a
-    ``{ndim: spec}`` rule, has an entry for its rank), normalized to ``shape``; ``P()`` (replicated) if none."""
+    ``{ndim: spec}`` rule, has an entry for its rank), normalized to ``shape``; ``P()`` (replicated) if none.
+    ``stacked``: the array's layer axes; a ``{ndim: spec}`` rule then applies to the per-layer rank, with
+    ``None`` inserted at those axes (a plain ``PartitionSpec`` rule spans the whole array)."""
+    per_layer = len(shape) - len(stacked)
     for i, (regex, spec) in enumerate(rules):
         if not re.fullmatch(regex, path):
             continue
         if isinstance(spec, dict):
-            if len(shape) not in spec:
+            if per_layer not in spec:
                 continue
-            spec = spec[len(shape)]
+            spec = list(spec[per_layer]) + [None] * (per_layer - len(spec[per_layer]))
+            for a in sorted(stacked):
+                spec.insert(a, None)
+            spec = P(*spec)
         where = f"parameter '{path}' {tuple(shape)}, partition rule {i} ({regex!r} -> {spec})"
         return _normalize(spec, tuple(shape), mesh, where)
     return P(*([None] * len(shape)))
@@ -290,7 +297,9 @@ def specs(plan: Plan, mesh, frozen: PyTree, trainable: PyTree, rules: Sequence[R
     trainable specs :func:`derive`\\ d from them, and with ``optimizer`` the TrainState's (step and rng
     replicated, optimizer state by :func:`opt_specs`)."""
     _check_rules(rules)
-    base = plan.treedef.unflatten([rule_spec(leaf.path, leaf.shape, rules, mesh) for leaf in plan.leaves])
+    base = plan.treedef.unflatten([rule_spec(leaf.path, leaf.shape, rules, mesh,
+                                             stacked=leaf.view.batch if leaf.view is not None else ())
+                                   for leaf in plan.leaves])
     fs, ts = derive(plan, base, frozen, trainable, mesh)
     state = (None if optimizer is None else
              train.TrainState(P(), ts, opt_specs(optimizer, trainable, ts, mesh), P()))

@@ -20,6 +20,7 @@ import re
 from typing import NamedTuple, Optional
 
 import jax
+import numpy as np
 
 from reparam.core import Reparam, ReparamError
 
@@ -85,13 +86,18 @@ def resolve(path: str, shape: tuple[int, ...], t: Reparam, rule: str) -> View:
             inp = tuple(a for a in rest if a not in out)
         elif out is None and inp is not None:
             out = tuple(a for a in rest if a not in inp)
+        elif len(rest) < 2:
+            raise ReparamError(
+                f"parameter '{path}' (rule {rule!r}) has a kernel of shape {shape}; batch_axes={batch} (stacked "
+                f"layers) leaves {len(rest)} axis, and a matrix view needs an input and an output axis. A "
+                f"{nd}-D weight that is not a stack of layers needs no batch_axes: drop them.")
         elif guess is None:
-            hint = ("rp.on_axes(t, batch_axes=(0,))" if nd == 3 else
-                    "rp.on_axes(t, in_axes=(...), out_axes=(...), batch_axes=(...))")
             raise ReparamError(
                 f"parameter '{path}' (rule {rule!r}) has a kernel of shape {shape} whose matrix view "
-                f"[d_in, d_out] cannot be inferred (only 2-D, q/k/v and out DenseGeneral, and conv "
-                f"kernels are). Declare it, e.g. {hint}.")
+                f"[d_in, d_out] cannot be inferred from its name (only 2-D, q/k/v and out DenseGeneral, and conv "
+                f"kernels are). Pass model= (and example=) to rp.plan to read it from the model's own "
+                f"contraction, or declare it: rp.on_axes(t, in_axes=(...), out_axes=(...)), adding "
+                f"batch_axes=(...) only for axes that stack independent layers (each gets its own adapter).")
         else:
             inp, out = tuple(rest[i] for i in guess[0]), tuple(rest[i] for i in guess[1])
     if sorted(batch + inp + out) != list(range(nd)) or not inp or not out:
@@ -163,3 +169,156 @@ def viewed(t: Reparam, view: View, shape: tuple[int, ...]) -> Reparam:
     return t._replace(init=init, apply=apply, delta=None,
                       penalty=penalty if t.penalty is not None else None,
                       structure=structure if t.structure is not None else None)
+
+
+# --- views from the model's own contractions ---------------------------------------------------------
+def regroup(groups: tuple, shape: tuple[int, ...], new_shape: tuple[int, ...]) -> Optional[tuple]:
+    """The kernel axes each axis holds after a reshape to ``new_shape``, given ``groups`` (the kernel axes of
+    ``shape`` each current axis holds, row-major); None when the reshape splits a kernel axis other than back
+    into its own axes, or mixes axes in any way a relabelling cannot say. Size-1 axes hold no kernel axis."""
+    size = lambda g: math.prod(shape[a] for a in g)
+    big_old = [(tuple(a for a in g if shape[a] != 1), size(g)) for g in groups if size(g) != 1]
+    big_new = [(i, n) for i, n in enumerate(new_shape) if n != 1]
+    out: list = [()] * len(new_shape)
+    i = j = 0
+    while i < len(big_old) or j < len(big_new):
+        if i >= len(big_old) or j >= len(big_new):
+            return None
+        i2, j2, po, pn = i + 1, j + 1, big_old[i][1], big_new[j][1]
+        while po != pn:
+            if po < pn:
+                if i2 >= len(big_old):
+                    return None
+                po *= big_old[i2][1]
+                i2 += 1
+            else:
+                if j2 >= len(big_new):
+                    return None
+                pn *= big_new[j2][1]
+                j2 += 1
+        olds, news = big_old[i:i2], big_new[j:j2]
+        if len(news) == 1:
+            out[news[0][0]] = tuple(a for g, _ in olds for a in g)
+        elif len(olds) == 1 and [shape[a] for a in olds[0][0]] == [n for _, n in news]:
+            for (k, _), a in zip(news, olds[0][0]):
+                out[k] = (a,)
+        else:
+            return None
+        i, j = i2, j2
+    return tuple(out)
+
+
+class _Track(NamedTuple):
+    """A kernel as it flows through a jaxpr: its axes' kernel axes, its current kernel-axis sizes, and the
+    kernel axes already taken one layer at a time (a scan over them, a slice of one layer)."""
+    path: str
+    groups: tuple
+    sizes: tuple
+    stacked: tuple
+
+
+def _uses(jaxpr, tracks: dict, out: dict) -> None:
+    """Records, for each tracked kernel, ``(stacked, contracted, kept)`` kernel axes of every ``dot_general``
+    that consumes it, through layout ops and into scan / jit / remat / custom-derivative bodies."""
+    from jax.extend import core as jcore
+    for eqn in jaxpr.eqns:
+        ins = [tracks.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
+        if not any(ins):
+            continue
+        name, p = eqn.primitive.name, eqn.params
+        t = ins[0]
+        if name in ("convert_element_type", "copy", "copy_p") and t:
+            tracks[eqn.outvars[0]] = t
+        elif name == "transpose" and t:
+            tracks[eqn.outvars[0]] = t._replace(groups=tuple(t.groups[i] for i in p["permutation"]))
+        elif name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims") and t:
+            new_shape = tuple(eqn.outvars[0].aval.shape)
+            g = regroup(t.groups, t.sizes, new_shape) if math.prod(new_shape) == math.prod(t.sizes) else None
+            if g is not None:
+                tracks[eqn.outvars[0]] = t._replace(groups=g)
+        elif name == "slice" and t:
+            cut = [(i, s, e) for i, (s, e) in enumerate(zip(p["start_indices"], p["limit_indices"]))
+                   if (s, e) != (0, math.prod(t.sizes[a] for a in t.groups[i]))]
+            if len(cut) == 1 and cut[0][2] - cut[0][1] == 1 and len(t.groups[cut[0][0]]) == 1:
+                a = t.groups[cut[0][0]][0]          # one layer of a stack
+                sizes = tuple(1 if k == a else n for k, n in enumerate(t.sizes))
+                tracks[eqn.outvars[0]] = t._replace(sizes=sizes, stacked=t.stacked + (a,))
+        elif name == "dot_general":
+            (lc, rc), (lb, rb) = p["dimension_numbers"]
+            for t, c, b in ((ins[0], lc, lb), (ins[1] if len(ins) > 1 else None, rc, rb)):
+                if t:
+                    axes = lambda idx: tuple(sorted(a for i in idx for a in t.groups[i] if t.sizes[a] != 1))
+                    kept = [i for i in range(len(t.groups)) if i not in c and i not in b]
+                    out.setdefault(t.path, []).append((tuple(sorted(t.stacked + axes(b))), axes(c), axes(kept)))
+        elif name == "scan":
+            nc, nk = p["num_consts"], p["num_carry"]
+            body = p["jaxpr"].jaxpr
+            inner = {}
+            for k, (v, t) in enumerate(zip(body.invars, ins)):
+                if t is None or nc <= k < nc + nk:
+                    continue
+                if k >= nc + nk:                     # scanned over its leading axis: one layer per step
+                    if not t.groups or len(t.groups[0]) != 1:
+                        continue
+                    a = t.groups[0][0]
+                    t = t._replace(groups=t.groups[1:], stacked=t.stacked + (a,),
+                                   sizes=tuple(1 if k2 == a else n for k2, n in enumerate(t.sizes)))
+                inner[v] = t
+            _uses(body, inner, out)
+        else:
+            sub = p.get("jaxpr", p.get("call_jaxpr"))
+            sub = getattr(sub, "jaxpr", sub)
+            if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(ins):
+                _uses(sub, {v: t for v, t in zip(sub.invars, ins) if t}, out)
+
+
+def derive(fn, params, example: tuple, paths) -> dict[str, list[tuple]]:
+    """``{path: [(stacked, inputs, outputs), ...]}``: the kernel axes each ``dot_general`` of ``fn(params,
+    *example)`` treats as stacked layers (dot batch axes, scanned or sliced one layer at a time), contracts
+    and keeps, for the leaves at ``paths``, from an abstract trace (nothing runs)."""
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    from reparam.plan import path_str            # (plan imports views)
+    abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)) for _, x in flat]
+    closed = jax.make_jaxpr(lambda ps, *ex: fn(jax.tree_util.tree_unflatten(tree, ps), *ex))(abstract, *example)
+    jaxpr = closed.jaxpr
+    tracks = {}
+    for v, (kp, x) in zip(jaxpr.invars, flat):
+        p = path_str(kp)
+        if p in paths:
+            nd = len(np.shape(x))
+            tracks[v] = _Track(p, tuple((a,) for a in range(nd)), tuple(np.shape(x)), ())
+    out: dict = {}
+    _uses(jaxpr, tracks, out)
+    return out
+
+
+def from_uses(path: str, shape: tuple[int, ...], uses: list[tuple], rule: str) -> View:
+    """The one :class:`View` all of a kernel's contractions agree on, or an error naming two that disagree."""
+    distinct = list(dict.fromkeys(uses))
+    if len(distinct) > 1:
+        fmt = lambda u: f"stacked {u[0]}, contracted {u[1]}, kept {u[2]}"
+        raise ReparamError(f"parameter '{path}' {shape} (rule {rule!r}) is used by the model in two incompatible "
+                           f"ways: {fmt(distinct[0])} and {fmt(distinct[1])}; one transform sees one matrix "
+                           "view. Adapt it in one way only (e.g. untie the weights), or leave it frozen.")
+    stacked, inp, out = distinct[0]
+    extra = [a for a in range(len(shape)) if a not in stacked + inp + out]
+    if not inp or not out or any(shape[a] != 1 for a in extra):
+        raise ReparamError(f"parameter '{path}' {shape} (rule {rule!r}): the model contracts kernel axes {inp} "
+                           f"and keeps {out} (stacked {stacked}): no [d_in, d_out] matrix view.")
+    return View(tuple(stacked), tuple(inp), tuple(sorted(out + tuple(extra))))
+
+
+def check_declared(path: str, shape: tuple[int, ...], t: Reparam, view: View, rule: str) -> None:
+    """Raises when ``t``'s :func:`on_axes` declaration contradicts ``view``, the one the model's contraction gives."""
+    decl = t.axes
+    if decl is None:
+        return
+    nd = len(shape)
+    norm = lambda axes: None if axes is None else tuple(sorted(a % nd for a in axes))
+    for what, declared, derived in (("batch_axes", norm(decl.batch), view.batch), ("in_axes", norm(decl.inp), view.inp),
+                                    ("out_axes", norm(decl.out), view.out)):
+        if declared is not None and (declared or what != "batch_axes") and declared != tuple(sorted(derived)):
+            raise ReparamError(
+                f"parameter '{path}' {shape} (rule {rule!r}): rp.on_axes declares {what}={declared}, but the "
+                f"model's contraction gives batch {view.batch}, in {view.inp}, out {view.out}. With model= the "
+                "view comes from the contraction: drop the on_axes declaration (or make it agree).")

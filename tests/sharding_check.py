@@ -7,6 +7,7 @@ environment. Each prints one JSON object as its last stdout line.
     python tests/sharding_check.py curves              # N=8: every family, sharded vs one-device training
     python tests/sharding_check.py hlo                 # N=8: all-gathers in the compiled LoRA step
     python tests/sharding_check.py single              # N=1: the 2-process run's reference
+    python tests/sharding_check.py decoder             # N=8: the nn.scan decoder, sharded vs one device
     python tests/sharding_check.py worker PID PORT     # N=4: one of 2 processes joined by jax.distributed
 
 The model is a tiny attention block (DenseGeneral q/k/v [16, 4, 8], out [4, 8, 16]) and an MLP
@@ -154,6 +155,40 @@ def hlo():
     return out
 
 
+def decoder():
+    """The nn.scan decoder (stacked DenseGeneral / Einsum kernels, views read from the model) with LoRA on
+    every projection: 10 steps on data:4,model:2 vs one device, its specs, and the all-gathers of its step."""
+    assert jax.device_count() == 8, jax.devices()
+    from experiments.models import decoder_forms as D
+    cfg = D.Config(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    params, loss, _ = D.make("linen_scan", cfg)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    batches = [D.batch(cfg, n=8, t=6, seed=i) for i in range(10)]
+    plan = rp.plan([(r"layers/.*/kernel", rp.lora(4, alpha=8))], params, model=loss, example=(batches[0], None))
+    frozen, trainable = jax.jit(plan.init)(jax.random.key(1), params)
+    opt = optax.adam(3e-3)
+    step = rp.train.make_train_step(plan, loss, opt)
+    state = rp.train.init_state(jax.tree_util.tree_map(jnp.copy, trainable), opt, jax.random.key(2))
+    ref = []
+    for b in batches:
+        state, m = step(state, frozen, b)
+        ref.append(float(m["loss"]))
+    ref_params = flat(state.trainable)
+    mesh = sh.mesh("data:4,model:2")
+    compiled, state, fr, specs = sharded(plan, frozen, trainable, opt, mesh, batches[0], loss=loss)
+    text = compiled.as_text()
+    losses = []
+    for b in batches:
+        state, m = compiled(state, fr, sh.shard_batch(b, mesh))
+        losses.append(float(m["loss"]))
+    got = flat(state.trainable)
+    return {"one_device": ref, "losses": losses,
+            "param_err": {k: float(np.max(np.abs(np.asarray(got[k]) - np.asarray(v)), initial=0.0))
+                          for k, v in ref_params.items()},
+            "base_specs": flat(specs.base), "trainable_specs": flat(specs.trainable),
+            "gathered_weights": sh.gathered_weights(text, plan)}
+
+
 def worker(pid: int, port: int, nproc: int = 2):
     """One of ``nproc`` processes: joins the others, trains on mesh data:4,model:2 over all their devices,
     each process feeding its consecutive slice of every global batch."""
@@ -189,5 +224,5 @@ if __name__ == "__main__":
     if mode == "worker":
         result = worker(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        result = {"curves": curves, "hlo": hlo, "single": single}[mode]()
+        result = {"curves": curves, "hlo": hlo, "single": single, "decoder": decoder}[mode]()
     print(json.dumps(result))

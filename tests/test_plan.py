@@ -75,7 +75,7 @@ def test_scan_stacked_layers_get_one_adapter_each_by_vmap():
     x = jax.random.normal(jax.random.key(0), (5, 12))
     params = m.init(jax.random.key(1), x)["params"]
     assert params["layers"]["dense"]["kernel"].shape == (3, 12, 12)
-    with pytest.raises(rp.ReparamError, match=r"layers/dense/kernel.*batch_axes=\(0,\)"):
+    with pytest.raises(rp.ReparamError, match=r"layers/dense/kernel.*model=.*batch_axes=\(\.\.\.\) only for axes that stack"):
         rp.plan([(r".*dense/kernel", rp.lora(2))], params)      # ambiguous without a declaration
     t = rp.on_axes(rp.pissa(2), batch_axes=(0,))
     plan = rp.plan([(r".*dense/kernel", t)], params)
@@ -134,7 +134,7 @@ def test_rank_above_min_dim_names_path_rule_and_fix():
 
 def test_non_2d_kernel_without_declaration_and_bad_rule_shapes():
     params = {"mix": {"kernel": jnp.ones((4, 5, 6))}, "b": jnp.ones((3,))}
-    with pytest.raises(rp.ReparamError, match=r"'mix/kernel'.*\(4, 5, 6\).*cannot be inferred.*rp.on_axes"):
+    with pytest.raises(rp.ReparamError, match=r"'mix/kernel'.*\(4, 5, 6\).*cannot be inferred.*model=.*rp.on_axes"):
         rp.plan([(r"mix/kernel", rp.lora(2))], params)
     plan = rp.plan([(r"mix/kernel", rp.on_axes(rp.lora(2), in_axes=(0, 1)))], params)
     assert plan.leaves[1].view == rp.views.View((), (0, 1), (2,))

@@ -159,3 +159,93 @@ def test_routing_record_belongs_to_the_step():
     assert plan.summary() == before
     assert {u.route for sites in s1.routing.uses.values() for u in sites.values()} == {"factored"}
     assert {u.route for sites in s2.routing.uses.values() for u in sites.values()} == {"materialised"}
+
+
+# --- matrix views from the model's own contractions -------------------------------------------------------
+def _gemma_like():
+    """Einsum projections as in Gemma: q [H, d, hd], fused kv [2, KV, d, hd], out [H, hd, d], gating [2, ffn, d]."""
+    H, KV, d, hd, ffn = 4, 2, 16, 8, 24
+    ks = iter(jax.random.split(jax.random.key(0), 5))
+    params = {n: jax.random.normal(next(ks), s) * 0.1 for n, s in
+              (("q", (H, d, hd)), ("kv", (2, KV, d, hd)), ("o", (H, hd, d)), ("gating", (2, ffn, d)),
+               ("down", (ffn, d)))}
+
+    def loss(p, x, rng):
+        q = jnp.einsum("btd,hdk->bthk", x, p["q"])
+        kv = jnp.einsum("btd,ckdh->cbtkh", x, p["kv"])
+        o = jnp.einsum("bthk,hkd->btd", q * jnp.repeat(kv[0], H // KV, 2), p["o"])
+        gate = jnp.einsum("btd,cfd->btcf", o, p["gating"])
+        y = jnp.einsum("btf,fd->btd", jax.nn.gelu(gate[:, :, 0]) * gate[:, :, 1], p["down"])
+        return jnp.mean(y ** 2) + jnp.mean(kv[1] ** 2)
+    return params, loss, jax.random.normal(jax.random.key(1), (2, 5, d))
+
+
+def test_views_come_from_the_contraction():
+    """With model=, einsum kernels of ranks 3 and 4 (fused [2, ffn, d] gating, [heads, hd, d] output, a scanned
+    stack) get the view their contraction gives, equal to the hand-declared correct one, without on_axes;
+    LoRA's trainable count is then r·(d_in + d_out) per matrix (per layer of a stack)."""
+    params, loss, x = _gemma_like()
+    plan = rp.plan([(r".*", rp.lora(4))], params, model=loss, example=(x, None))
+    views = {leaf.path: leaf.view for leaf in plan.leaves}
+    assert views == {"q": ((), (1,), (0, 2)), "kv": ((), (2,), (0, 1, 3)), "o": ((), (0, 1), (2,)),
+                     "gating": ((), (2,), (0, 1)), "down": ((), (0,), (1,))}
+    counts = dict(zip(plan.adapted(), plan.trainable_counts()))
+    assert counts == {"q": 4 * (16 + 32), "kv": 4 * (16 + 32), "o": 4 * (32 + 16), "gating": 4 * (16 + 48),
+                      "down": 4 * (24 + 16)}
+    # the scanned decoder: the same views as its hand-declared rules, with no declaration at all
+    params, loss, rules_for = D.make("linen_scan", CFG)
+    declared = rp.plan(rules_for(rp.lora(4)), params)
+    derived = rp.plan([(r"layers/.*/kernel", rp.lora(4))], params, model=loss, example=(BATCH, None))
+    adapted = [leaf for leaf in derived.leaves if leaf.transform is not None]
+    assert adapted and {leaf.path: leaf.view for leaf in adapted} == {
+        leaf.path: leaf.view for leaf in declared.leaves if leaf.transform is not None}
+    assert derived.trainable_counts() == declared.trainable_counts()
+    # and the derived plan trains, routed, like autodiff
+    frozen, trainable = derived.init(jax.random.key(1), params)
+    trainable = perturb(trainable, jax.random.key(2), 0.05)
+    ref_losses, ref, _ = _run(derived, loss, frozen, trainable, "autodiff")
+    losses, got, step = _run(derived, loss, frozen, trainable, "auto")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert not step.routing.fallbacks()
+
+
+def test_views_that_contradict_the_contraction_are_errors():
+    params, loss, x = _gemma_like()
+    # per-head adapters declared for the output projection, which the model contracts over (heads, hd)
+    with pytest.raises(rp.ReparamError, match=r"'o'.*declares batch_axes=\(0,\).*contraction gives batch \(\), "
+                                              r"in \(0, 1\), out \(2,\)"):
+        rp.plan([(r"o", rp.on_axes(rp.lora(4), batch_axes=(0,)))], params, model=loss, example=(x, None))
+    # a transposed view of the gating kernel
+    with pytest.raises(rp.ReparamError, match=r"'gating'.*in_axes=\(0, 1\)"):
+        rp.plan([(r"gating", rp.on_axes(rp.lora(4), in_axes=(0, 1), out_axes=(2,)))], params, model=loss,
+                example=(x, None))
+
+    def tied(p, x, rng):            # one kernel contracted over its first axis and over its second
+        return jnp.mean((x @ p["down"].T) ** 2) + jnp.mean((jnp.ones((2, 24)) @ p["down"]) ** 2)
+    with pytest.raises(rp.ReparamError, match=r"'down'.*two incompatible ways: .*contracted \(1,\).*contracted \(0,\)"):
+        rp.plan([(r"down", rp.lora(4))], params, model=tied, example=(x, None))
+
+
+def test_batch_axes_on_a_2d_weight_says_so():
+    with pytest.raises(rp.ReparamError, match=r"batch_axes=\(0,\).*leaves 1 axis.*needs no batch_axes"):
+        rp.plan([(r"w", rp.on_axes(rp.lora(2), batch_axes=(0,)))], {"w": jnp.ones((8, 6))})
+
+
+def test_full_on_a_stacked_kernel():
+    """rp.full() trains a stacked (or any-rank) kernel as is: no matrix view needed."""
+    params, loss, _ = D.make("linen_scan", CFG)
+    plan = rp.plan([(r"layers/.*", rp.full())], params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    losses, _, _ = _run(plan, loss, frozen, trainable, "auto", steps=3)
+    assert losses[-1] < losses[0]
+
+
+def test_stacked_declared_once():
+    """plan(..., stacked=regex) gives every matching kernel a leading layer axis: the same plan as on_axes per rule."""
+    params, loss, rules_for = D.make("linen_scan", CFG)
+    declared = rp.plan(rules_for(rp.lora(4)), params)
+    once = rp.plan([(r"layers/(q|k|v|o|down)/kernel", rp.lora(4)),
+                    (r"layers/gate_up/kernel", rp.on_axes(rp.lora(4), in_axes=(2,), out_axes=(1, 3)))],
+                   params, stacked=r"layers/.*")
+    assert [leaf.view for leaf in once.leaves] == [leaf.view for leaf in declared.leaves]
+    assert once.trainable_counts() == declared.trainable_counts()

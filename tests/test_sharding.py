@@ -246,6 +246,24 @@ def test_lora_step_never_gathers_a_base_weight():
                                                         "out/kernel", "mlp_in/kernel", "mlp_out/kernel"}
 
 
+@pytest.mark.slow
+def test_scanned_decoder_shards_like_one_device():
+    """The nn.scan decoder on a 4x2 mesh: 10 steps equal one device's; the stacked kernels shard their heads
+    (q/k/v) and rows (o, down) over model with the layer axis unsharded, LoRA A/B follow them, and the
+    compiled step all-gathers no base weight."""
+    r = _run("decoder", 8)
+    np.testing.assert_allclose(r["losses"], r["one_device"], atol=1e-5, rtol=0)
+    bad = {k: e for k, e in r["param_err"].items() if not e < 1e-5}
+    assert not bad, bad
+    base, tr = r["base_specs"], r["trainable_specs"]
+    assert base["layers/q/kernel"] == str(P(None, None, "model", None))          # [L, d, heads, hd]
+    assert base["layers/o/kernel"] == str(P(None, "model", None, None))          # [L, heads, hd, d]: rows
+    assert base["layers/down/kernel"] == str(P(None, "model", None))             # [L, ffn, d]: rows
+    assert tr["layers/q/kernel/B"] == str(P(None, None, "model"))                # [L, r, heads*hd]
+    assert tr["layers/o/kernel/A"] == str(P(None, "model", None))                # [L, heads*hd, r]
+    assert r["gathered_weights"] == [], r["gathered_weights"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
