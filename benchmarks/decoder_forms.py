@@ -9,7 +9,8 @@ SwiGLU 768, RMSNorm, RoPE, tied embedding) as linen per-layer ``nn.Dense`` (and 
 (``lax.scan`` + ``jax.checkpoint``); batch 8 x 64 tokens; AdamW. Per form, three steps: full fine-tuning
 (every parameter trained), LoRA r=8 on q/k/v/o/gate/up/down (the default ``matmul="auto"``: routed), and
 the same LoRA with ``matmul="autodiff"`` (plain autodiff through the materialised weights, which forms every
-``dW = xᵀg``). All steps are compiled first, then timed round-robin: ``--rounds`` rounds, each running every
+``dW = xᵀg``), and a floor: only the RMSNorm scales trained, a backward through every layer that forms no
+weight gradient at all -- the least any adapter's step can cost in that form. All steps are compiled first, then timed round-robin: ``--rounds`` rounds, each running every
 step once in a shuffled order (after ``--warmup`` untimed steps each). Reported: the median step (ms), its
 ratio to the same form's full fine-tuning step, XLA's GFLOP per compiled step (deterministic), the routed
 and fallen-back uses of the LoRA step (``step.routing``), and the ``xᵀg`` dots in its compiled HLO.
@@ -31,7 +32,9 @@ from experiments.models import decoder_forms as D
 
 OUT = os.path.join(os.path.dirname(__file__), "results")
 FORMS = ("linen", "linen_remat", "linen_scan", "nnx", "function")
-KINDS = ("full", "lora", "lora@autodiff")
+KINDS = ("full", "lora", "lora@autodiff", "floor")
+NORMS = {"linen": r"layers_\d+/(attn|mlp)_norm/scale", "linen_scan": r"layers/(attn|mlp)_norm/scale",
+         "nnx": r"layers/\d+/(attn|mlp)_norm/scale", "function": r"layers/(attn|mlp)_norm"}
 
 
 def _gflop(compiled) -> float:
@@ -60,7 +63,12 @@ def build(cfg: D.Config, batch: dict, opt) -> dict:
                                          remat=form == "linen_remat")
         for kind in KINDS:
             t0 = time.perf_counter()
-            rules = [(".*", rp.full())] if kind == "full" else rules_for(rp.lora(8, alpha=16))
+            if kind == "full":
+                rules = [(".*", rp.full())]
+            elif kind == "floor":           # only the norm scales: a backward through every layer, no weight gradient
+                rules = [(NORMS["linen" if form == "linen_remat" else form], rp.full())]
+            else:
+                rules = rules_for(rp.lora(8, alpha=16))
             plan = rp.plan(rules, params)
             frozen, trainable = plan.init(jax.random.key(1), params)
             step = rp.train.make_train_step(plan, loss, opt, donate=False,
@@ -71,7 +79,7 @@ def build(cfg: D.Config, batch: dict, opt) -> dict:
             steps[(form, kind)] = dict(
                 compiled=compiled, state=state, frozen=frozen, gflop=_gflop(compiled),
                 peak_mb=peak_bytes(compiled) / 2 ** 20, trainable=int(sum(plan.trainable_counts(trainable))),
-                xtg=None if kind == "full" else _xtg_dots(hlo, plan, batch["ids"].size),
+                xtg=None if kind in ("full", "floor") else _xtg_dots(hlo, plan, batch["ids"].size),
                 routing=None if kind != "lora" else step.routing.report(),
                 routed=None if kind != "lora" else sum(
                     u.route != "autodiff" for s in step.routing.uses.values() for u in s.values()),
@@ -139,8 +147,8 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     x = np.arange(len(FORMS))
     for j, kind in enumerate(KINDS[1:]):
-        ax.bar(x + (j - 0.5) * 0.38, [next(r["x_full"] for r in rows if r["form"] == f and r["kind"] == kind)
-                                      for f in FORMS], 0.38, label=kind)
+        ax.bar(x + (j - 1) * 0.27, [next(r["x_full"] for r in rows if r["form"] == f and r["kind"] == kind)
+                                    for f in FORMS], 0.27, label=kind)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.75, color="g", ls="--", lw=0.8, label="target 0.75")
     ax.set(xticks=x, xticklabels=FORMS, ylabel="step / full fine-tuning step", title="LoRA step by model form")

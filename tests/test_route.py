@@ -249,3 +249,28 @@ def test_stacked_declared_once():
                    params, stacked=r"layers/.*")
     assert [leaf.view for leaf in once.leaves] == [leaf.view for leaf in declared.leaves]
     assert once.trainable_counts() == declared.trainable_counts()
+
+
+def test_peft_export_unstacks_stacked_kernels(tmp_path):
+    """A scanned model's stacked LoRA exports one PEFT module per layer (module_map with a {layer} field) and
+    loads back to the same stacked trainables; names that are not the base model's modules fail loudly."""
+    params, loss, rules_for = D.make("linen_scan", CFG)
+    plan = rp.plan([(r"layers/(q|o|down)/kernel", rp.lora(4, alpha=8))], params, stacked=r"layers/.*")
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    trainable = perturb(trainable, jax.random.key(2), 0.05)
+    names = {"layers/q/kernel": "model.layers.{layer}.self_attn.q_proj",
+             "layers/o/kernel": "model.layers.{layer}.self_attn.o_proj", "layers/down/kernel": "model.layers.{layer}.mlp.down_proj"}
+    torch_modules = [f"model.layers.{i}.{m}" for i in range(CFG.layers)
+                     for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    cfg = rp.interop.peft.export(plan, frozen, trainable, str(tmp_path / "a"), module_map=names,
+                                 base_modules=["model", *torch_modules])
+    assert sorted(cfg["target_modules"]) == sorted(torch_modules)
+    back = rp.interop.peft.load(plan, frozen, str(tmp_path / "a"), module_map=names)
+    for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(back)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    with pytest.raises(rp.ReparamError, match=r"'layers/down/kernel'.*one torch module per layer.*'\{layer\}'"):
+        rp.interop.peft.export(plan, frozen, trainable, str(tmp_path / "b"))
+    nnx_names = {k: v.replace("model.layers.{layer}", "layers.{layer}") for k, v in names.items()}
+    with pytest.raises(rp.ReparamError, match=r"6 of 6 exported modules are not modules of the base model.*no-op"):
+        rp.interop.peft.export(plan, frozen, trainable, str(tmp_path / "c"), module_map=nnx_names,
+                               base_modules=torch_modules)

@@ -73,7 +73,7 @@ def default_module_name(path: str) -> str:
 
 
 class _Entry(NamedTuple):
-    index: int            # the leaf's index in plan.leaves
+    index: Any            # the leaf's index in plan.leaves; (index, layer) for one layer of a stacked kernel
     path: str
     module: str           # torch module name, without "base_model.model."
     kind: str             # lora | principal | dora | vera | lokr
@@ -113,9 +113,6 @@ def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
             raise ReparamError(f"{where}: no PEFT format for this transform here; exportable: "
                                f"{sorted(_KIND)}. Give this parameter no rule in the plan you export, "
                                "or merge it into the base weights (plan.merge) instead.")
-        if leaf.view is not None and leaf.view.batch:
-            raise ReparamError(f"{where}: stacked layers (batch axes {leaf.view.batch}) hold several torch "
-                               "modules in one kernel; unstack the params (one kernel per layer) before export.")
         if leaf.view is not None and not leaf.view.is_trivial():
             f = {**f, "base": views.to_matrix(leaf.view, f["base"])}
         module = namer(leaf.path)
@@ -123,11 +120,23 @@ def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
             raise ReparamError(f"{where}: module_map gave {module!r}; it must give a torch module name "
                                "such as 'encoder.layer.0.attention.self.query'.")
         module = module.removeprefix(PREFIX)
-        if module in seen:
-            raise ReparamError(f"module_map sends both '{seen[module]}' and '{leaf.path}' to the torch module "
-                               f"'{module}'; each adapted parameter needs its own module.")
-        seen[module] = leaf.path
-        out.append(_Entry(i, leaf.path, module, kind, t, hp, f, tuple(f["base"].shape)))
+        stack = leaf.view.batch if leaf.view is not None else ()
+        if len(stack) > 1:
+            raise ReparamError(f"{where}: {len(stack)} stacked axes {stack}; export unstacks one layer axis.")
+        if stack and "{layer}" not in module:
+            raise ReparamError(f"{where}: a stacked kernel ({leaf.shape[stack[0]]} layers on axis {stack[0]}) "
+                               f"exports one torch module per layer; module_map gave {module!r}, which needs a "
+                               "'{layer}' field, e.g. {'" + leaf.path + "': 'model.layers.{layer}.<module>'}.")
+        layers = range(leaf.shape[stack[0]]) if stack else [None]
+        for layer in layers:
+            name = module if layer is None else module.format(layer=layer)
+            if name in seen:
+                raise ReparamError(f"module_map sends both '{seen[name]}' and '{leaf.path}' to the torch module "
+                                   f"'{name}'; each adapted parameter (and layer) needs its own module.")
+            seen[name] = leaf.path
+            fl = f if layer is None else jax.tree_util.tree_map(lambda a: a[layer], f)
+            out.append(_Entry(i if layer is None else (i, layer), leaf.path if layer is None else
+                              f"{leaf.path}[{layer}]", name, kind, t, hp, fl, tuple(fl["base"].shape)))
     if not out:
         raise ReparamError("the plan adapts no parameter: nothing to export or load; add rules such as "
                            "(r'.*/kernel', rp.lora(8)).")
@@ -286,24 +295,47 @@ def _export_lokr(entries, trs, config):
     return tensors
 
 
+def _per_entry(plan, entries, tree) -> dict:
+    """Each entry's trainable dict: the leaf's, or one layer's slice of a stacked leaf's."""
+    flat = plan.treedef.flatten_up_to(tree)
+    return {e.index: flat[e.index] if isinstance(e.index, int) else
+            jax.tree_util.tree_map(lambda a: a[e.index[1]], flat[e.index[0]]) for e in entries}
+
+
 def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_map: ModuleMap = None,
-           initial: Optional[PyTree] = None, base_model_name_or_path: Optional[str] = None) -> dict:
+           initial: Optional[PyTree] = None, base_model_name_or_path: Optional[str] = None,
+           base_modules=None) -> dict:
     """Writes the plan's adapters as a PEFT adapter directory; returns the config written.
 
     ``PeftModel.from_pretrained(torch_model, directory)`` then computes what ``plan.apply``
     does, with ``torch_model`` holding the ORIGINAL ``W0``. ``initial``: the trainable
     ``plan.init`` returned, needed for PiSSA-like inits (see the module docstring). One
     PEFT method per directory: LoRA (with PiSSA / EVA), DoRA, VeRA or LoKr.
+
+    A stacked kernel (``nn.scan`` layers) is written as one module per layer: its ``module_map`` name
+    holds a ``{layer}`` field (``"model.layers.{layer}.self_attn.q_proj"``). ``base_modules``: the torch
+    model's module names (``[n for n, _ in model.named_modules()]``); every exported module must be one of
+    them, else an error lists those that are not -- PEFT itself would load such an adapter as a no-op.
     """
     from safetensors.numpy import save_file
 
     entries = _entries(plan, frozen, module_map)
+    if base_modules is not None:
+        known = set(base_modules)
+        missing = [e.module for e in entries if e.module not in known]
+        if missing:
+            import difflib
+            near = difflib.get_close_matches(missing[0], sorted(known), n=3, cutoff=0.3)
+            raise ReparamError(f"{len(missing)} of {len(entries)} exported modules are not modules of the base "
+                               f"model, e.g. {missing[:3]} (close: {near}); PEFT would load this adapter as a "
+                               "silent no-op. Fix module_map so that each adapted path names the torch module, "
+                               "e.g. {'layers/0/q/kernel': 'model.layers.0.self_attn.q_proj'}.")
     types = {_PEFT_TYPE[e.kind] for e in entries}
     if len(types) > 1:
         raise ReparamError(f"one PEFT adapter holds one method; this plan maps to {sorted(types)} "
                            f"({sorted({e.transform.name for e in entries})}); export from one plan per method.")
-    trs = plan.treedef.flatten_up_to(trainable)
-    init_trs = None if initial is None else plan.treedef.flatten_up_to(initial)
+    trs = _per_entry(plan, entries, trainable)
+    init_trs = None if initial is None else _per_entry(plan, entries, initial)
     config = {**_COMMON, "base_model_name_or_path": base_model_name_or_path,
               "target_modules": [e.module for e in entries]}
     kind = types.pop()
@@ -418,8 +450,12 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
                            "add rules for those modules to the plan, or fix module_map (paths -> module names "
                            f"like {[e.module for e in entries[:2]]}).")
     dtype = plan.trainable_dtype or jnp.float32
-    out = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), trs[i]) if i in trs else {}
-           for i in range(len(plan.leaves))]
+    out = []
+    for i in range(len(plan.leaves)):
+        layers = sorted(k for k in trs if isinstance(k, tuple) and k[0] == i)
+        if layers:                  # a stacked kernel: its layers' modules, stacked back
+            trs[i] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[trs[k] for k in layers])
+        out.append(jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), trs[i]) if i in trs else {})
     return plan.treedef.unflatten(out)
 
 
