@@ -5,7 +5,8 @@
 
 The decoder of ``experiments/models/decoder_forms.py`` (vocab 512, d 256, 4 layers, 8 query / 2 KV heads,
 SwiGLU 768, RMSNorm, RoPE, tied embedding) as linen per-layer ``nn.Dense`` (and the same under
-``nn.remat``), linen ``nn.scan`` with ``DenseGeneral`` / ``Einsum``, Flax NNX, and a plain function of a dict
+``nn.remat``), linen ``nn.scan`` with ``DenseGeneral`` / ``Einsum``, Flax NNX (per layer, and ``nnx.vmap`` +
+``nnx.scan``), and a plain function of a dict
 (``lax.scan`` + ``jax.checkpoint``); batch 8 x 64 tokens; AdamW. Per form, three steps: full fine-tuning
 (every parameter trained), LoRA r=8 on q/k/v/o/gate/up/down (the default ``matmul="auto"``: routed), and
 the same LoRA with ``matmul="autodiff"`` (plain autodiff through the materialised weights, which forms every
@@ -31,10 +32,11 @@ from benchmarks.timing import peak_bytes
 from experiments.models import decoder_forms as D
 
 OUT = os.path.join(os.path.dirname(__file__), "results")
-FORMS = ("linen", "linen_remat", "linen_scan", "nnx", "function")
+FORMS = ("linen", "linen_remat", "linen_scan", "nnx", "nnx_scan", "function")
 KINDS = ("full", "lora", "lora@autodiff", "floor")
 NORMS = {"linen": r"layers_\d+/(attn|mlp)_norm/scale", "linen_scan": r"layers/(attn|mlp)_norm/scale",
-         "nnx": r"layers/\d+/(attn|mlp)_norm/scale", "function": r"layers/(attn|mlp)_norm"}
+         "nnx": r"layers/\d+/(attn|mlp)_norm/scale", "nnx_scan": r"layers/(attn|mlp)_norm/scale",
+         "function": r"layers/(attn|mlp)_norm"}
 
 
 def _gflop(compiled) -> float:

@@ -7,6 +7,8 @@ RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embedding; the same maths i
                    ``[L, d, heads, hd]`` and out ``[L, heads, hd, d]``, ``nn.Einsum`` fused gate/up ``[L, 2, d, ffn]``
                    and down ``[L, ffn, d]``
     "nnx"          Flax NNX, ``nnx.Linear`` per layer; the loss merges ``(graphdef, params)`` (``nnx.split``)
+    "nnx_scan"     Flax NNX, the layers created by ``nnx.vmap`` (stacked ``[L, d_in, d_out]`` kernels) and run by
+                   ``nnx.scan``
     "function"     a plain function of a params dict: ``jax.lax.scan`` over stacked ``[L, d_in, d_out]`` arrays,
                    ``x @ w`` and ``jnp.einsum``, each layer under ``jax.checkpoint``
 
@@ -27,7 +29,7 @@ from flax import nnx
 
 import reparam as rp
 
-FORMS = ("linen", "linen_scan", "nnx", "function")
+FORMS = ("linen", "linen_scan", "nnx", "nnx_scan", "function")
 
 
 class Config(NamedTuple):
@@ -174,6 +176,24 @@ class NnxDecoder(nnx.Module):
         return self.embed.attend(self.final_norm(x))
 
 
+class NnxScanDecoder(nnx.Module):
+    def __init__(self, c: Config, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(c.vocab, c.d, rngs=rngs)
+
+        @nnx.split_rngs(splits=c.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxBlock(c, rngs)
+        self.layers = make(rngs)
+        self.final_norm = nnx.RMSNorm(c.d, rngs=rngs)
+
+    def __call__(self, ids):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(layer, x):
+            return layer(x)
+        return self.embed.attend(self.final_norm(step(self.layers, self.embed(ids))))
+
+
 # --- a plain function of a dict ---------------------------------------------------------------------------
 def function_params(c: Config, key) -> dict:
     ks = iter(jax.random.split(key, 8))
@@ -207,17 +227,19 @@ def function_logits(p: dict, ids, c: Config):
 
 # --- the four forms -----------------------------------------------------------------------------------------
 PROJ = {"linen": ("q", "k", "v", "o", "gate", "up", "down"), "linen_scan": ("q", "k", "v", "o", "gate_up", "down"),
-        "nnx": ("q", "k", "v", "o", "gate", "up", "down"), "function": ("q", "k", "v", "o", "gate", "up", "down")}
+        "nnx": ("q", "k", "v", "o", "gate", "up", "down"), "nnx_scan": ("q", "k", "v", "o", "gate", "up", "down"),
+        "function": ("q", "k", "v", "o", "gate", "up", "down")}
 
 
 def _rules(form: str, t) -> list:
     """Rules adapting the projections: ``t`` a transform for all of them, or ``{projection: transform}``."""
     table = t if isinstance(t, dict) else {name: t for name in PROJ[form]}
     prefix, suffix = {"linen": (r"layers_\d+/", "/kernel"), "linen_scan": ("layers/", "/kernel"),
-                      "nnx": (r"layers/\d+/", "/kernel"), "function": ("layers/", "")}[form]
+                      "nnx": (r"layers/\d+/", "/kernel"), "nnx_scan": ("layers/", "/kernel"),
+                      "function": ("layers/", "")}[form]
     rules = []
     for name, tr in table.items():
-        if form in ("linen_scan", "function"):        # stacked [layers, ...] kernels: one adapter per layer
+        if form in ("linen_scan", "nnx_scan", "function"):    # stacked [layers, ...] kernels: an adapter per layer
             tr = rp.on_axes(tr, batch_axes=(0,), **({"in_axes": (2,), "out_axes": (1, 3)} if name == "gate_up" else {}))
         rules.append((prefix + name + suffix, tr))
     return rules
@@ -234,8 +256,8 @@ def make(form: str, c: Config = Config(), key=None, *, remat: bool = False):
         params = model.init(key, ids)["params"]
         loss = lambda p, batch, rng: next_token_loss(model.apply({"params": p}, batch["ids"]), batch["ids"])
         return params, loss, rules_for
-    if form == "nnx":
-        graphdef, params = nnx.split(NnxDecoder(c, nnx.Rngs(key)), nnx.Param)
+    if form in ("nnx", "nnx_scan"):
+        graphdef, params = nnx.split((NnxDecoder if form == "nnx" else NnxScanDecoder)(c, nnx.Rngs(key)), nnx.Param)
 
         def loss(p, batch, rng):
             return next_token_loss(nnx.merge(graphdef, p)(batch["ids"]), batch["ids"])
