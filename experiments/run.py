@@ -207,6 +207,10 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
         it = batches(start) if callable(batches) else itertools.islice(batches, start, None)
         first = jax.device_put(next(it))
         peak = step_memory(step.lower(state, frozen, first).compile())    # jit reuses this executable below
+        uses = [u for sites in step.routing.uses.values() for u in sites.values()]
+        if uses:        # what the traced step did with the structured weights (rp.route)
+            print(f"[{name}] hot path: {sum(u.route != 'autodiff' for u in uses)} of {len(uses)} uses of "
+                  f"structured weights routed", flush=True)
         it = itertools.chain([first], it)
         bar = tqdm(range(start + 1, steps + 1), desc=f"{name:>10}", disable=not config.progress,
                    dynamic_ncols=True, initial=start, total=steps)
