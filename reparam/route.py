@@ -242,6 +242,11 @@ def _contract(eqn, x, w: Weight, w_lhs: bool, mode: Optional[bool], site, record
     one = jax.eval_shape(lambda s: jax.tree_util.tree_map(lambda a: a[(0,) * nb], s), w.s) if nb else w.s
     factored = S.prefer_factored(one, (d_in, d_out), tokens) if mode is None else mode
     f = lambda x_, b_, s_: structured_matmul(x_, b_, s_, factored=factored)
+    if layers > 1:
+        # inside a scan: the op's residuals are its inputs (x, the layer's base, the structure), which JAX would
+        # stack across layers -- a copy of every layer's base per step. Under a checkpoint that saves only dot
+        # outputs the backward reads them from the scan's own inputs instead (XLA's peak: one base copy less).
+        f = jax.checkpoint(f, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     for _ in range(nb):
         f = jax.vmap(f)
     y = f(x2, w.base, w.s)

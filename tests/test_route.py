@@ -274,3 +274,17 @@ def test_peft_export_unstacks_stacked_kernels(tmp_path):
     with pytest.raises(rp.ReparamError, match=r"6 of 6 exported modules are not modules of the base model.*no-op"):
         rp.interop.peft.export(plan, frozen, trainable, str(tmp_path / "c"), module_map=nnx_names,
                                base_modules=torch_modules)
+
+
+def test_scanned_layers_keep_no_copy_of_the_base():
+    """In a scan the structured op's residuals are not stacked per layer: the compiled LoRA step writes no
+    slice of a weight's shape into a stacked buffer (without the op's checkpoint it writes one per kernel)."""
+    params, loss, rules_for = D.make("nnx_scan", CFG)
+    plan = rp.plan(rules_for(rp.lora(4)), params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    opt = optax.sgd(0.1)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    hlo = step.lower(rp.train.init_state(trainable, opt, jax.random.key(0)), frozen, BATCH).compile().as_text()
+    stacked = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} dynamic-update-slice\(", hlo))
+    weights = {",".join(map(str, leaf.shape)) for leaf in plan.leaves if leaf.transform is not None}
+    assert weights and not (stacked & weights), stacked & weights
