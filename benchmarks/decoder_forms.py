@@ -46,7 +46,7 @@ def _gflop(compiled) -> float:
 
 
 def _xtg_dots(hlo: str, plan, tokens: int) -> int:
-    from tests.test_matmul import _dot_shapes      # the HLO dot parser the tests use
+    from tests.hlo import dot_shapes as _dot_shapes      # the HLO dot parser the tests use
     shapes = set()
     for leaf in plan.leaves:
         if leaf.transform is not None and leaf.view is not None:

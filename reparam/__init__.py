@@ -3,9 +3,10 @@
 The public API, as a table of contents:
 
   core        Reparam(init, apply) pair; additive(); combinators add, in_basis, full, frozen; Basis
-  structure   ΔW in factored form: LowRank, Kron, Sparse, Sum (dense, matvec, costs, crossover)
-  views       on_axes(): matrix view of >2-D kernels and nn.scan-stacked layers
-  plan        plan(rules, params) -> Plan with init / apply / merge / penalty / summary
+  structure   ΔW in factored form, a protocol: LowRank, Kron, Sparse, Sum, InBasis, Scaled (dense, matvec,
+              costs, pullback from (x, g)); right-multiplicative W = (W0 + inner)·R
+  views       on_axes(): matrix view of >2-D kernels and stacked layers; derive(): views from the model's contractions
+  plan        plan(rules, params, model=, stacked=) -> Plan with init / apply / merge / penalty / summary
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
   wavelet     bases wavelet_basis (periodized Haar/db2-4, multi-level), dct_basis, fourier_basis;
@@ -15,8 +16,10 @@ The public API, as a table of contents:
   sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
-  matmul      the hot path: structured_matmul (custom VJP), intercept (routes Flax Dense/DenseGeneral),
-              cotangent_barrier (after LayerNorm)
+  matmul      the hot path: structured_matmul (one custom VJP over every structure), cotangent_barrier,
+              norm_barriers (after linen LayerNorm/RMSNorm)
+  route       routing any model's contractions of adapted weights to the hot path (jaxpr re-evaluation:
+              scan, NNX, einsum, remat, nested jit); Routing, the record a traced step keeps
   train       TrainState, init_state, make_train_step (matmul="auto"|..., remat), make_eval_step,
               use_huge_pages (CPU: 2 MiB pages for XLA's per-step temporaries)
   sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
@@ -24,7 +27,8 @@ The public API, as a table of contents:
   checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
   interop     peft.export / peft.load: Hugging Face PEFT adapter directories (LoRA, rsLoRA, DoRA, PiSSA, VeRA, LoKr)
 """
-from reparam import checkpoint, compose, interop, kronecker, matmul, random_basis, sharding, sparse, structure, train
+from reparam import (checkpoint, compose, interop, kronecker, matmul, random_basis, route, sharding, sparse, structure,
+                     train)
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
@@ -46,5 +50,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
-    "vera", "nola", "randlora", "random_basis", "matmul", "structure", "sharding", "interop",
+    "vera", "nola", "randlora", "random_basis", "matmul", "route", "structure", "sharding", "interop",
 ]

@@ -398,37 +398,3 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
                                                        NamedSharding(mesh, data_spec(mesh, data_axes))),
                                    out_shardings=(state_sh, NamedSharding(mesh, P())),
                                    donate_argnums=(0,) if donate else ()), step.routing)
-
-
-# --- HLO inspection ------------------------------------------------------------------------------------------
-_AG = re.compile(r"=\s*(\([^=]*?\)|\S+)\s+all-gather(-start)?\(")
-_SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
-
-
-def all_gathers(hlo_text: str) -> list[tuple[int, ...]]:
-    """Result shapes of the all-gather ops in compiled HLO text (``step.lower(...).compile().as_text()``),
-    one per gathered array (a combined all-gather has several; an async ``all-gather-start`` lists its
-    operands, then its results)."""
-    out = []
-    for m in _AG.finditer(hlo_text):
-        shapes = [tuple(int(d) for d in s.split(",") if d) for s in _SHAPE.findall(m.group(1))]
-        out += shapes[len(shapes) // 2:] if m.group(2) else shapes
-    return out
-
-
-def gathered_weights(hlo_text: str, plan: Plan) -> list[str]:
-    """Paths of the plan's reparameterised kernels (a transform other than ``rp.full``) that some
-    all-gather in ``hlo_text`` rebuilds in full: an all-gather whose result has the kernel's shape or its
-    matrix view's ``[*batch, d_in, d_out]``. Empty when the step never gathers a whole base weight. Shapes
-    are all the HLO tells: an activation or gradient of the same shape counts too."""
-    gathered = set(all_gathers(hlo_text))
-    hits = []
-    for leaf in plan.leaves:
-        if leaf.transform is None or leaf.view is None or leaf.transform.ident.method == "full":
-            continue
-        v = leaf.view
-        forms = {tuple(leaf.shape), tuple(leaf.shape[a] for a in v.batch) + (
-            math.prod(leaf.shape[a] for a in v.inp), math.prod(leaf.shape[a] for a in v.out))}
-        if forms & gathered:
-            hits.append(leaf.path)
-    return hits

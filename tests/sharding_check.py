@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P   # noqa: E402
 import reparam as rp      # noqa: E402
 from reparam import sharding as sh   # noqa: E402
 from reparam.plan import path_str     # noqa: E402
+from tests import hlo as H            # noqa: E402
 
 BATCH, SEQ, STEPS = 16, 3, 20
 MESHES = ("data:8", "data:4,model:2", "data:2,model:4")
@@ -145,13 +146,13 @@ def hlo():
     for spec in ("data:4,model:2", "data:2,model:4"):
         step, *_ = sharded(plan, frozen, trainable, opt, sh.mesh(spec), batches[0])
         text = step.as_text()
-        out[spec] = {"gathers": [list(g) for g in sh.all_gathers(text)],
-                     "gathered_weights": sh.gathered_weights(text, plan)}
+        out[spec] = {"gathers": [list(g) for g in H.all_gathers(text)],
+                     "gathered_weights": H.gathered_weights(text, plan)}
     mesh = sh.mesh("data:4,model:2")
     everywhere = NamedSharding(mesh, P())
     replicated = lambda p, b, r: loss_fn(jax.lax.with_sharding_constraint(p, everywhere), b, r)
     step, *_ = sharded(plan, frozen, trainable, opt, mesh, batches[0], loss=replicated)
-    out["replicated"] = {"gathered_weights": sh.gathered_weights(step.as_text(), plan)}
+    out["replicated"] = {"gathered_weights": H.gathered_weights(step.as_text(), plan)}
     return out
 
 
@@ -186,7 +187,7 @@ def decoder():
             "param_err": {k: float(np.max(np.abs(np.asarray(got[k]) - np.asarray(v)), initial=0.0))
                           for k, v in ref_params.items()},
             "base_specs": flat(specs.base), "trainable_specs": flat(specs.trainable),
-            "gathered_weights": sh.gathered_weights(text, plan)}
+            "gathered_weights": H.gathered_weights(text, plan)}
 
 
 def worker(pid: int, port: int, nproc: int = 2):

@@ -17,6 +17,7 @@ import reparam as rp
 from reparam import matmul as mm
 from reparam import sampled
 from reparam import structure as S
+from tests.hlo import dot_shapes
 from tests.methods import METHODS, calib_for, normal, perturb
 
 
@@ -217,18 +218,7 @@ def test_train_step_matches_autodiff(name):
     assert routed == set(step.routing.uses) == ({"up/kernel"} if t.calib else {"up/kernel", "query/kernel", "out/kernel"})
 
 
-def _dot_shapes(hlo: str):
-    """(result shape, lhs contracting dim sizes) of every dot in an HLO module's text."""
-    dims = lambda txt: tuple(int(v) for v in txt.split(",") if v)
-    shapes = dict(re.findall(r"(%[\w.\-]+) = \w+\[([\d,]*)\]", hlo))
-    out = []
-    for line in hlo.splitlines():
-        m = re.search(r"= \w+\[([\d,]*)\]\S* dot\((%[\w.\-]+), ", line)
-        c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-        if m and c and m.group(2) in shapes:
-            lhs = dims(shapes[m.group(2)])
-            out.append((dims(m.group(1)), tuple(lhs[i] for i in dims(c.group(1)))))
-    return out
+_dot_shapes = dot_shapes         # (the name the tests and benchmarks used)
 
 
 @pytest.mark.parametrize("method, mode, kernel, expect_full_grad", [

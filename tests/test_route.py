@@ -17,7 +17,7 @@ import pytest
 import reparam as rp
 from experiments.models import decoder_forms as D
 from tests.methods import perturb
-from tests.test_matmul import _dot_shapes
+from tests.hlo import dot_shapes as _dot_shapes
 
 CFG = D.Config(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=64)
 BATCH = D.batch(CFG, n=3, t=10)                 # 30 tokens: no other dot of the step contracts 30 rows

@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import reparam as rp
 from reparam import sharding as sh
+from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "tests", "sharding_check.py")
@@ -186,13 +187,13 @@ HLO = """
 
 
 def test_all_gather_parser():
-    assert sh.all_gathers(HLO) == [(16, 32), (16, 16), (8,), (4, 8, 16)]
+    assert hlo.all_gathers(HLO) == [(16, 32), (16, 16), (8,), (4, 8, 16)]
     plan = rp.plan([(r"query/kernel", rp.lora(2)), (r"out/kernel", rp.lora(2)), (r"head/kernel", rp.full())],
                    PARAMS)
     # [16, 32] is query's matrix view [d, heads*hd]; [4, 8, 16] is out's kernel itself
-    assert sh.gathered_weights(HLO, plan) == ["out/kernel", "query/kernel"]
-    assert sh.gathered_weights(HLO.replace("f32[16,32]", "f32[16,31]"), plan) == ["out/kernel"]
-    assert sh.gathered_weights(HLO.replace("f32[16,32]", "f32[32,8]").replace("[4,8,16]", "[4,8,15]"), plan) == []
+    assert hlo.gathered_weights(HLO, plan) == ["out/kernel", "query/kernel"]
+    assert hlo.gathered_weights(HLO.replace("f32[16,32]", "f32[16,31]"), plan) == ["out/kernel"]
+    assert hlo.gathered_weights(HLO.replace("f32[16,32]", "f32[32,8]").replace("[4,8,16]", "[4,8,15]"), plan) == []
 
 
 # --- many devices, in subprocesses ---------------------------------------------------------------------------
