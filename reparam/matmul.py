@@ -30,7 +30,6 @@ consumer's transposing fusion; a divide is
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import flax.linen as nn
