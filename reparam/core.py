@@ -17,10 +17,12 @@ on one weight. All transforms here see a weight as a matrix ``[d_in, d_out]``
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reparam.structure import InBasis, Sum, dense
 
@@ -86,12 +88,43 @@ class Ident(str):
 
     def __new__(cls, method: str, *, text: Optional[str] = None, **hparams):
         hp = {k: v for k, v in hparams.items() if v is not None and v is not False}
+        check_hparams(method, hp)
         if text is None:
             text = f"{method}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in hp.items()) + ")"
         self = super().__new__(cls, text)
         self.method, self.hparams = method, hp
         return self
+
+
+# What the common hyperparameters must be, checked once when a constructor names its transform (every
+# constructor does, through Ident): (test, what it must be, an example).
+_HPARAMS = {
+    "r": (lambda v: _is_int(v) and v >= 1, "a positive int", "8"),
+    "k": (lambda v: _is_int(v) and v >= 1, "a positive int", "1000"),
+    "n": (lambda v: _is_int(v) and v >= 1, "a positive int", "1000"),
+    "num_a": (lambda v: _is_int(v) and v >= 1, "a positive int", "64"),
+    "num_b": (lambda v: _is_int(v) and v >= 1, "a positive int", "64"),
+    "alpha": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0", "16"),
+    "density": (lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]", "0.01"),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_hparams(method: str, hparams: dict) -> None:
+    """Raises a :class:`ReparamError` naming the argument and the fix when a common hyperparameter (rank ``r``,
+    ``k``, ``n``, ``alpha``, ``density``, ...) is out of range or of the wrong type; ``True`` is not a rank."""
+    for name, value in hparams.items():
+        rule = _HPARAMS.get(name)
+        if rule is not None and not rule[0](value):
+            raise ReparamError(f"{method}: {name}={value!r} must be {rule[1]} (e.g. {name}={rule[2]}).")
 
 
 fmt_name = Ident        # the constructors' spelling: rp.lora's name is fmt_name("lora", r=rank, alpha=alpha)

@@ -11,13 +11,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
+from reparam.core import Reparam, ReparamError, additive, check_hparams, check_rank, fmt_name
 from reparam.linalg import truncated_svd
 from reparam.structure import LowRank, Scaled
 
 
-def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False) -> float:
-    """``s = α/r`` (LoRA) or ``α/√r`` (rsLoRA, Kalajdzievski 2023); ``α = r`` when ``alpha`` is None."""
+def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False, method: str = "lora") -> float:
+    """``s = α/r`` (LoRA) or ``α/√r`` (rsLoRA, Kalajdzievski 2023); ``α = r`` when ``alpha`` is None.
+    Checks ``rank`` and ``alpha`` first (an error names ``method``)."""
+    check_hparams(method, {"r": rank, **({} if alpha is None else {"alpha": alpha})})
     alpha = rank if alpha is None else alpha
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -57,7 +59,7 @@ def lora(rank: int, alpha: Optional[float] = None, *, rslora: bool = False, init
     Trains ``A [d_in, r]`` (random, see :func:`init_a`) and ``B [r, d_out]`` (zero):
     ``r·(d_in + d_out)`` parameters; ``α`` defaults to ``r`` (``s = 1``).
     """
-    s = lora_scale(rank, alpha, rslora)
+    s = lora_scale(rank, alpha, rslora, "rslora" if rslora else "lora")
     return additive(fmt_name("rslora" if rslora else "lora", r=rank, alpha=alpha),
                     _lora_init(rank, init, "lora"), structure=lowrank_structure(s))
 
@@ -76,7 +78,7 @@ def dora(rank: int, alpha: Optional[float] = None, *, rslora: bool = False, init
     §4.3; what PEFT does). Structure: ``Scaled(LowRank(s·A, B), m / ‖V‖)``, so the
     train step never forms the full ``xᵀg`` (only ``‖V‖`` needs ``V``: ``d_in·d_out·r``).
     """
-    s = lora_scale(rank, alpha, rslora)
+    s = lora_scale(rank, alpha, rslora, "dora")
     lora_init = _lora_init(rank, init, "dora")
 
     def init_fn(key, w, calib=None):
@@ -141,6 +143,7 @@ def dylora(rank: int, alpha: Optional[float] = None, *, init: str = "peft",
     Stochastic: ``plan.apply(..., rng=key)`` samples ``b`` in training; with
     ``rng=None`` (eval, merge) it uses ``eval_rank`` (default ``r``).
     """
+    check_hparams("dylora", {"r": rank, **({} if alpha is None else {"alpha": alpha})})
     alpha = rank if alpha is None else alpha
     eval_rank = rank if eval_rank is None else eval_rank
     if not 1 <= eval_rank <= rank:

@@ -343,6 +343,13 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
         msgs = []
         for i in unused:
             regex = rules[i][0]
+            hits = [leaf for leaf in leaves if compiled[i].fullmatch(leaf.path)]
+            if hits:            # it matches, but an earlier rule took every path it matches
+                firsts = sorted({leaf.rule for leaf in hits})
+                msgs.append(f"rule {i} ({regex!r} -> {rules[i][1].name}) is shadowed: every path it matches "
+                            f"({[leaf.path for leaf in hits[:3]]}) is taken by earlier rule(s) {firsts} (the first "
+                            f"match wins); move rule {i} before them or narrow their regex")
+                continue
             near = difflib.get_close_matches(regex, paths, n=3, cutoff=0.3)
             partial = [p for p in paths if re.search(regex, p)][:3]
             msgs.append(f"rule {i} ({regex!r} -> {rules[i][1].name}) matches no parameter path"

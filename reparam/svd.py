@@ -33,7 +33,7 @@ def split_factors(u, s, vt, scale: float):
 
 def _principal(rank, *, smallest=False, niter=None, oversample=8, alpha=None, method="pissa"):
     """Init of ``W_res + s·A@B`` from the top (or bottom) ``rank`` components of ``W0``."""
-    s = lora_scale(rank, alpha)
+    s = lora_scale(rank, alpha, method=method)
 
     def init_fn(key, w, calib=None):
         check_rank(rank, w.shape, method)
@@ -126,7 +126,7 @@ def corda(rank: int, alpha: Optional[float] = None, *, mode: str = "ipm", damp: 
     """
     if mode not in ("ipm", "kpm"):
         raise ReparamError(f"corda mode must be 'ipm' or 'kpm', got {mode!r}.")
-    s = lora_scale(rank, alpha)
+    s = lora_scale(rank, alpha, method="corda")
 
     def init_fn(key, w, calib=None):
         check_rank(rank, w.shape, "corda")
@@ -147,7 +147,7 @@ def eva(rank: int, alpha: Optional[float] = None) -> Reparam:
     redistributed ranks across layers by explained variance, else ``rank``; the
     scale is ``α / rank`` for every layer.
     """
-    s = lora_scale(rank, alpha)
+    s = lora_scale(rank, alpha, method="eva")
 
     def init_fn(key, w, calib=None):
         c = _covariance(calib, w, "eva")

@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.fft import dct, dctn, idct, idctn
 
 from reparam import sparse
-from reparam.core import Basis, Reparam, ReparamError, fmt_name, in_basis
+from reparam.core import Basis, Reparam, ReparamError, check_hparams, fmt_name, in_basis
 from reparam.lowrank import lora
 
 # Orthonormal Daubechies scaling filters h (Σh = √2; Daubechies 1992, Table 6.1), as PyWavelets' rec_lo.
@@ -198,6 +198,7 @@ def waveft(k: Optional[int] = None, density: Optional[float] = None, *, wavelet:
     without periodization and crop: a rank-deficient map, not a basis, which
     is not reproduced here.
     """
+    check_hparams("waveft", {n: v for n, v in (("k", k), ("density", density)) if v is not None})
     return in_basis(wavelet_basis(wavelet, levels), sparse.random(k=k, density=density), scale)._replace(
         name=fmt_name("waveft", k=k, density=density, wavelet=wavelet, levels=levels if levels != 1 else None,
                       s=scale if scale != 1.0 else None))
@@ -211,6 +212,7 @@ def wara(rank: int, alpha: Optional[float] = None, *, wavelet: str = "haar", lev
     low-rank coefficient update maps back to a generally full-rank ``ΔW``.
     = ``in_basis(wavelet_basis(wavelet, levels), lora(rank, alpha))``.
     """
+    check_hparams("wara", {"r": rank, **({} if alpha is None else {"alpha": alpha})})
     return in_basis(wavelet_basis(wavelet, levels), lora(rank, alpha))._replace(
         name=fmt_name("wara", r=rank, alpha=alpha, wavelet=wavelet, levels=levels if levels != 1 else None))
 
@@ -228,5 +230,6 @@ def fourierft(n: int, scale: float = 150.0) -> Reparam:
     flat index ``i·d_out + o``. PEFT initialises the spectrum to N(0, 1) unless
     ``init_weights=True``; ours starts at 0 so a fresh adapter is a no-op.
     """
+    check_hparams("fourierft", {"n": n})
     return in_basis(fourier_basis(), sparse.random(k=n), scale)._replace(
         name=fmt_name("fourierft", n=n, s=scale))

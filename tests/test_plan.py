@@ -371,3 +371,32 @@ def test_transform_identity_is_structured(tmp_path):
     frozen, trainable = plan.init(jax.random.key(0), params)
     cfg = rp.interop.peft.export(plan, frozen, trainable, str(tmp_path), module_map={"q/kernel": "q"})
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: rp.lora(0), r"lora: r=0 must be a positive int"),
+    (lambda: rp.lora(True), r"lora: r=True must be a positive int"),
+    (lambda: rp.lora(4, alpha=-1.0), r"lora: alpha=-1.0 must be a finite number > 0"),
+    (lambda: rp.lora(4, alpha=float("nan")), r"lora: alpha=nan must be a finite number > 0"),
+    (lambda: rp.dora(0), r"dora: r=0"), (lambda: rp.pissa(-2), r"pissa: r=-2"), (lambda: rp.corda(0), r"corda: r=0"),
+    (lambda: rp.dylora(0), r"dylora: r=0"), (lambda: rp.svfit(0), r"svfit: r=0"), (lambda: rp.compacter(4, 0), r"compacter: r=0"),
+    (lambda: rp.sparse.random(density=0.0), r"sparse.random: density=0.0 must be in \(0, 1\]"),
+    (lambda: rp.sparse.random(density=1.5), r"density=1.5 must be in \(0, 1\]"),
+    (lambda: rp.fourierft(0), r"fourierft: n=0 must be a positive int"),
+    (lambda: rp.waveft(k=True), r"waveft: k=True must be a positive int"),
+    (lambda: rp.wara(0), r"wara: r=0"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_hyperparameters_fail_at_construction(make, message):
+    """Ranks, counts, alpha and density are checked when the transform is made: the error names the method,
+    the argument and what it must be (bool is not a rank)."""
+    with pytest.raises(rp.ReparamError, match=message):
+        make()
+
+
+def test_rule_errors_name_the_rule():
+    params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
+    with pytest.raises(rp.ReparamError, match=r"rule 1 \('\(a' -> lora\(r=2\)\): invalid regex"):
+        rp.plan([(r"a/kernel", rp.lora(2)), (r"(a", rp.lora(2))], params)
+    with pytest.raises(rp.ReparamError, match=r"rule 1 \('a/kernel' -> lora\(r=2\)\) is shadowed: every path it "
+                                              r"matches \(\['a/kernel'\]\) is taken by earlier rule\(s\) \[0\]"):
+        rp.plan([(r".*/kernel", rp.lora(4)), (r"a/kernel", rp.lora(2))], params)
