@@ -6,7 +6,8 @@ jaxpr again with the weight replaced by a :class:`Weight`: the frozen base (as i
 d_out]`` matrix view) and the structure, never materialised unless something needs the array. The
 evaluation re-binds every equation as it was, except where a :class:`Weight` flows:
 
-- ``reshape`` / ``transpose`` / ``squeeze`` / ``expand_dims`` / ``convert_element_type`` / ``copy``:
+- ``reshape`` / ``transpose`` / ``squeeze`` / ``broadcast_in_dim`` adding size-1 axes / ``convert_element_type`` /
+  ``copy``:
   the :class:`Weight` follows them, tracking which kernel axes each of its axes holds;
   a static ``slice`` of one layer out of a stack slices the base and the structure;
 - ``dot_general`` (``x @ W``, ``jnp.einsum``, ``nn.Dense`` / ``DenseGeneral`` / ``Einsum``, ``nnx.Linear`` /
@@ -43,8 +44,7 @@ from reparam.matmul import structured_matmul
 
 Array = jax.Array
 
-_FOLLOW = {"convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze",
-           "broadcast_in_dim", "expand_dims", "slice"}
+_FOLLOW = {"convert_element_type", "copy", "reshape", "transpose", "squeeze", "broadcast_in_dim", "slice"}
 
 
 class Use(NamedTuple):
@@ -121,12 +121,9 @@ class Weight:
             f = S.weight
             for _ in self.view[0]:
                 f = jax.vmap(f)
-            m = f(self.base, self.s)
             stack, inp, out = self.view
-            perm = stack + inp + out
-            perm += tuple(a for a in range(len(self.shape)) if a not in perm)   # size-1 axes of no role
-            w = m.reshape(tuple(self.shape[a] for a in perm))
-            w = w.transpose(tuple(perm.index(a) for a in range(len(self.shape))))
+            rest = tuple(a for a in range(len(self.shape)) if a not in stack + inp + out)   # size-1, no role
+            w = views.from_matrix(views.View(stack, inp, out + rest), f(self.base, self.s), self.shape)
             order = [a for g in self.groups for a in g]
             rest = [a for a in range(len(self.shape)) if a not in order]      # squeezed size-1 axes
             self._dense = w.transpose(order + rest).reshape(self.current_shape).astype(self.dtype)
@@ -134,27 +131,22 @@ class Weight:
 
 
 # --- following layout ops ---------------------------------------------------------------------------
-def _regroup(w: Weight, new_shape: tuple[int, ...]) -> Optional[tuple]:
-    """Groups after a reshape to ``new_shape`` (:func:`reparam.views.regroup`)."""
-    return views.regroup(w.groups, w.shape, new_shape)
-
-
 def _follow(eqn, w: Weight) -> Optional[Weight]:
     """The :class:`Weight` after a layout op, or None when it is not one the weight can follow."""
     name, p = eqn.primitive.name, eqn.params
-    if name in ("copy", "copy_p"):
+    if name == "copy":
         return w
     if name == "convert_element_type":
         return w.like(dtype=p["new_dtype"])
     if name == "transpose":
         return w.like(groups=tuple(w.groups[i] for i in p["permutation"]))
-    if name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims"):
+    if name in ("reshape", "broadcast_in_dim", "squeeze"):
         new_shape = tuple(eqn.outvars[0].aval.shape)
         if math.prod(new_shape) != math.prod(w.current_shape):
             return None                                  # a real broadcast
         if name == "broadcast_in_dim" and list(p["broadcast_dimensions"]) != sorted(p["broadcast_dimensions"]):
             return None
-        groups = _regroup(w, new_shape)
+        groups = views.regroup(w.groups, w.shape, new_shape)
         return None if groups is None else w.like(groups=groups)
     if name == "slice":
         return _slice_layer(w, p)
@@ -216,7 +208,7 @@ def _arrange(w: Weight, axes: Sequence[int], role: tuple[int, ...]) -> Optional[
     return order + [j for j in range(len(axes)) if j not in firsts]
 
 
-def _contract(eqn, x, w: Weight, w_lhs: bool, mode: Optional[bool], site, record: Routing, layers: int):
+def _contract(eqn, x, w: Weight, w_lhs: bool, site, ctx: "_Ctx"):
     """``dot_general(x, W)`` (or ``(W, x)``) through the structured op, or None (with the reason) when the
     contraction does not match the weight's view."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -240,9 +232,9 @@ def _contract(eqn, x, w: Weight, w_lhs: bool, mode: Optional[bool], site, record
     tokens = math.prod(lead)
     x2 = xt.reshape(xt.shape[:nb] + (tokens, d_in))
     one = jax.eval_shape(lambda s: jax.tree_util.tree_map(lambda a: a[(0,) * nb], s), w.s) if nb else w.s
-    factored = S.prefer_factored(one, (d_in, d_out), tokens) if mode is None else mode
+    factored = S.prefer_factored(one, (d_in, d_out), tokens) if ctx.mode is None else ctx.mode
     f = lambda x_, b_, s_: structured_matmul(x_, b_, s_, factored=factored)
-    if layers > 1:
+    if ctx.layers > 1:
         # inside a scan: the op's residuals are its inputs (x, the layer's base, the structure), which JAX would
         # stack across layers -- a copy of every layer's base per step. Under a checkpoint that saves only dot
         # outputs the backward reads them from the scan's own inputs instead (XLA's peak: one base copy less).
@@ -259,7 +251,7 @@ def _contract(eqn, x, w: Weight, w_lhs: bool, mode: Optional[bool], site, record
     x_part = list(range(nb, nb + nx))
     y = jnp.transpose(y, tuple(range(nb)) + tuple(w_part + x_part if w_lhs else x_part + w_part))
     aval = eqn.outvars[0].aval
-    record.add(w.path, site, Use("factored" if factored else "materialised", tokens, layers))
+    ctx.record.add(w.path, site, Use("factored" if factored else "materialised", tokens, ctx.layers))
     return y.reshape(aval.shape).astype(aval.dtype), None
 
 
@@ -327,7 +319,7 @@ def _rule(eqn, ins, ctx: _Ctx) -> list:
     if name == "dot_general" and len(weights) == 1:
         w_lhs = weights[0] == 0
         w, x = (ins[0], ins[1]) if w_lhs else (ins[1], ins[0])
-        y, reason = _contract(eqn, x, w, w_lhs, ctx.mode, site, ctx.record, ctx.layers)
+        y, reason = _contract(eqn, x, w, w_lhs, site, ctx)
         if y is not None:
             return [y]
         return _bind(eqn, [_materialise(v, ctx, reason, site) for v in ins])
@@ -349,8 +341,8 @@ def _pack(vals):
     shells = [v if isinstance(v, Weight) else None for v in vals]
     flat = [(v.base, v.s) if isinstance(v, Weight) else v for v in vals]
 
-    def unpack(flat_vals, **kw):
-        return [sh.like(base=fv[0], s=fv[1], **kw) if sh is not None else fv for sh, fv in zip(shells, flat_vals)]
+    def unpack(flat_vals):
+        return [sh.like(base=fv[0], s=fv[1]) if sh is not None else fv for sh, fv in zip(shells, flat_vals)]
     return flat, unpack
 
 

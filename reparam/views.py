@@ -227,11 +227,11 @@ def _uses(jaxpr, tracks: dict, out: dict) -> None:
             continue
         name, p = eqn.primitive.name, eqn.params
         t = ins[0]
-        if name in ("convert_element_type", "copy", "copy_p") and t:
+        if name in ("convert_element_type", "copy") and t:
             tracks[eqn.outvars[0]] = t
         elif name == "transpose" and t:
             tracks[eqn.outvars[0]] = t._replace(groups=tuple(t.groups[i] for i in p["permutation"]))
-        elif name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims") and t:
+        elif name in ("reshape", "broadcast_in_dim", "squeeze") and t:
             new_shape = tuple(eqn.outvars[0].aval.shape)
             g = regroup(t.groups, t.sizes, new_shape) if math.prod(new_shape) == math.prod(t.sizes) else None
             if g is not None:
