@@ -56,7 +56,8 @@ class Use(NamedTuple):
 
 
 class Routing:
-    """``{path: {site: Use}}``: how each adapted weight's uses were computed, filled when a step is traced."""
+    """``{path: {site: Use}}``: how each adapted weight's uses were computed in the program a step traced last
+    (a retrace, e.g. for another batch shape, replaces the record)."""
 
     def __init__(self):
         self.uses: dict[str, dict[Any, Use]] = {}

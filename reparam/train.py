@@ -119,6 +119,7 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
     warned = []
 
     def step(state: TrainState, frozen: PyTree, batch: Any):
+        routing.uses.clear()        # (at trace time) the record describes the program traced last
         rng, k_apply, k_loss = jax.random.split(state.rng, 3)
 
         def forward(trainable):

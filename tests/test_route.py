@@ -288,3 +288,15 @@ def test_scanned_layers_keep_no_copy_of_the_base():
     stacked = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} dynamic-update-slice\(", hlo))
     weights = {",".join(map(str, leaf.shape)) for leaf in plan.leaves if leaf.transform is not None}
     assert weights and not (stacked & weights), stacked & weights
+
+
+def test_a_retrace_replaces_the_record():
+    """A step traced again for another batch shape reports the uses of the program it traced last, not both."""
+    plan, loss, frozen, trainable = _setup("linen", "lora")
+    opt = optax.sgd(0.1)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    state = rp.train.init_state(trainable, opt, jax.random.key(0))
+    step(state, frozen, BATCH)
+    step(state, frozen, D.batch(CFG, n=2, t=10))
+    cells = {step.routing.cell(p) for p in plan.adapted()}
+    assert cells == {"1/1 routed (materialised @ 20 tok)"}, cells
