@@ -34,8 +34,10 @@ def learning_rate(c: ml_collections.ConfigDict, name: str) -> float:
 
 
 def adapter(c: ml_collections.ConfigDict, t: rp.Reparam) -> Rules:
-    """``t`` on the adapted kernels, the head trained in full."""
-    return [(adapted(c), t), (HEAD, rp.full())]
+    """``t`` on the adapted kernels, the head (``c.head``, a regex; ``HEAD`` by default; "" for a model
+    without one, e.g. a causal LM) trained in full."""
+    head = c.get("head", HEAD)
+    return [(adapted(c), t)] + ([(head, rp.full())] if head else [])
 
 
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Rules]] = {

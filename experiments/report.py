@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLUMNS = ("method", "transform", "test acc", "trainable", "% total", "step ms", "x full", "peak MB")
+COLUMNS = ("method", "transform", "test acc", "trainable", "% total", "step ms", "x full", "tok/s", "peak MB")
 MB = 1e6          # the table's megabytes
 
 
@@ -66,7 +66,8 @@ def table(results: dict) -> str:
     """The results table: one row per method, then the precision line and the task's notes (the base
     model, the untrained head's accuracy).
 
-    ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
+    ``tok/s``: tokens (batch x sequence length, padding included) per second of the median step, for
+    tasks on sequences. ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
     donated aliases); a ``device MB`` column (the device's high-water mark so far) is added where the
     backend reports one (GPU, TPU).
     """
@@ -78,7 +79,8 @@ def table(results: dict) -> str:
     for name, r in methods.items():
         ratio = f"{r['step_ms'] / base_ms:.2f}" if base_ms else "-"
         row = (name, r["transform"], f"{100 * r['acc']:.1f}%", f"{r['trainable']:,}",
-               f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio, _mb(r.get("peak_bytes")))
+               f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio,
+               f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-", _mb(r.get("peak_bytes")))
         rows.append(row + ((_mb(r.get("device_peak_bytes")),) if device else ()))
     widths = [max(len(row[j]) for row in rows) for j in range(len(columns))]
     fmt = lambda row: "  ".join(x.ljust(w) if j < 2 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
@@ -128,8 +130,8 @@ def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
     for b, a in zip(bars, accs):
         ax_bar.text(a + 0.3, b.get_y() + b.get_height() / 2, f"{a:.1f}", va="center", fontsize=8)
     ax_bar.set_xlim(max(0, min(accs) - 10), 103)
-    ax_bar.set(xlabel="final test accuracy (%)", title=f"Test accuracy (% params trained)\nuntrained head: "
-               f"{100 * results['untrained_head_acc']:.0f}% ({split})")
+    ax_bar.set(xlabel="final test accuracy (%)", title=f"Test accuracy (% params trained)\n"
+               f"{results.get('start', 'untrained head')}: {100 * results['untrained_head_acc']:.0f}% ({split})")
     ax_bar.grid(axis="x", alpha=0.3)
     pre = results.get("pretrain")
     fig.suptitle(f"MLP pretrained on digits 0-4 (test acc {100 * pre['acc']:.1f}%), adapted to digits 5-9" if pre

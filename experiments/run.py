@@ -346,7 +346,7 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
         return done["result"], done["history"]
     t_start = time.perf_counter()
     params = task.params
-    plan = rp.plan(M.METHODS[name](config), params)
+    plan = rp.plan(M.METHODS[name](config), params, stacked=config.get("stacked") or None)
     calib_batches = task.batches(config.seed + 1, 0)
     calib = M.calibrate(name, plan, config, model=task.model, params=params,
                         batches=[next(calib_batches) for _ in range(config.calib_batches)],
@@ -370,6 +370,8 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
     result = {"transform": transform, "acc": float(test["acc"]), "test_loss": float(test["loss"]),
               "monitor_acc": h["acc"][-1], "lr": M.learning_rate(config, name), "trainable": n_train,
               "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup),
+              "tokens_per_s": (config.batch_size * config.seq_len * 1e3 / median_ms(h["times"], config.timing_warmup)
+                               if "seq_len" in config else None),
               **h["memory"], "trainable_dtype": dtypes, "wall": wall}
     write_phase(config, name, result, h, trained)
     return result, h
@@ -399,6 +401,9 @@ def digits_task(config: ml_collections.ConfigDict, dtype, log_path: str) -> tupl
     return tasks.digits(model, params, target, config, notes), pre
 
 
+TASKS = {"tweets": tasks.tweets, "smollm_tweets": tasks.smollm_tweets}     # config.task -> task (else digits)
+
+
 def start_afresh(output_dir: str, log_path: str) -> None:
     """Empties ``metrics.jsonl`` and removes what a previous run left for a resume: checkpoints, phase files."""
     open(log_path, "w").close()
@@ -425,17 +430,23 @@ def run(config: ml_collections.ConfigDict) -> dict:
         start_afresh(config.output_dir, log_path)
     elif not os.path.exists(log_path):
         open(log_path, "w").close()
-    if config.get("task", "digits") == "tweets":
-        task = tasks.tweets(config, dtype)
-        pre = None
+    kind = config.get("task", "digits")
+    if kind in TASKS:
+        task, pre = TASKS[kind](config, dtype), None
     else:
         task, pre = digits_task(config, dtype, log_path)
     untrained = float(task.monitor(task.params)["acc"])
-    print(f"untrained head: {task.monitor_split} acc {untrained:.4f}; base weights {dtype.name}", flush=True)
-    notes = task.notes + [f"untrained head: {task.monitor_split} acc {100 * untrained:.1f}%"]
+    print(f"{task.start}: {task.monitor_split} acc {untrained:.4f}; base weights {dtype.name}", flush=True)
+    notes = task.notes + [f"{task.start}: {task.monitor_split} acc {100 * untrained:.1f}%"]
+    start_test = None
+    if task.start == "zero-shot":          # a pretrained model that can do the task as it is: test it too
+        start_test = float(jax.device_get(task.test(task.params))["acc"])
+        print(f"zero-shot: test acc {start_test:.4f}", flush=True)
+        notes[-1] += f", test acc {100 * start_test:.1f}%"
 
-    results = {"task": task.name, "pretrain": pre, "untrained_head_acc": untrained, "notes": notes,
-               "monitor": task.monitor_split, "methods": {}, "config": config.to_dict()}
+    results = {"task": task.name, "pretrain": pre, "untrained_head_acc": untrained, "start": task.start,
+               "start_test_acc": start_test, "notes": notes, "monitor": task.monitor_split, "methods": {},
+               "config": config.to_dict()}
     history = {}
     first_adapter = next((n for n in names if n not in ("full", "head")), None)
     for name in names:

@@ -48,6 +48,7 @@ class Task(NamedTuple):
     monitor_split: str                                  # "test" / "val": the key of its records
     test: Metrics                                       # params -> {"loss", "acc"} on the test split
     notes: list                                         # lines under the results table
+    start: str = "untrained head"                       # what task.params are before adapting (for the report)
 
 
 def classifier_fns(logits: Callable[[PyTree, Any], jax.Array]) -> tuple[Callable, Callable]:
@@ -83,8 +84,8 @@ def digits(model: nn.Module, params: PyTree, target: dict, config: ml_collection
 # --- tweets ----------------------------------------------------------------------------------------------------
 
 def length_chunks(split: dict, size: int, multiple: int = 8) -> Iterator[dict]:
-    """``split`` in chunks of ``size`` rows sorted by length, each cut to its longest row rounded up to
-    ``multiple`` tokens, with a ``weight`` (1; 0 for the rows that pad the last chunk to ``size``)."""
+    """``split`` in chunks of ``size`` rows sorted by length (its ``attention_mask``'s sums), each of its
+    ``[n, seq]`` arrays cut to the chunk's longest row rounded up to ``multiple`` tokens, with a ``weight`` (1; 0 for the rows that pad the last chunk to ``size``)."""
     n, seq = split["input_ids"].shape
     lengths = split["attention_mask"].sum(1)
     order = np.argsort(lengths, kind="stable")
@@ -94,8 +95,7 @@ def length_chunks(split: dict, size: int, multiple: int = 8) -> Iterator[dict]:
     for i in range(0, len(order), size):
         idx = order[i:i + size]
         cut = min(seq, multiple * math.ceil(max(int(lengths[idx].max()), 1) / multiple))
-        yield {"input_ids": split["input_ids"][idx, :cut], "attention_mask": split["attention_mask"][idx, :cut],
-               "label": split["label"][idx], "weight": weight[i:i + size]}
+        yield {**{k: v[idx, :cut] if v.ndim == 2 else v[idx] for k, v in split.items()}, "weight": weight[i:i + size]}
 
 
 def split_metrics(logits: Callable[[PyTree, Any], jax.Array], size: int) -> Callable[[PyTree, dict], dict]:
@@ -143,3 +143,66 @@ def tweets(config: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> Task:
                 inputs=lambda b: (b["input_ids"], b["attention_mask"]),
                 monitor=lambda p: evaluate(p, val), monitor_split="val",
                 test=lambda p: evaluate(p, test), notes=notes)
+
+
+# --- tweets as instruction following, SmolLM2 -----------------------------------------------------------------
+
+def answer_fns(model: nn.Module, label_ids: np.ndarray) -> tuple[Callable, Callable, Callable]:
+    """For a causal LM and chat batches of :func:`experiments.data.tweets.chat_examples`:
+
+    ``loss_fn(params, batch, rng=None) -> (answer loss, {"acc"})``: the next-token cross-entropy (full
+    vocabulary) on the answer tokens only (the label word and ``<|im_end|>``), averaged over them; the LM head
+    runs only where an answer token is predicted. ``metrics_fn(params, batch) -> {"loss", "acc"}``: the same
+    loss and the accuracy of the label word with the highest log-likelihood (of the three label words at the
+    position that predicts the answer). ``label_logits(params, batch) -> [B, 3]``: those three logits.
+    """
+    label_ids = jnp.asarray(label_ids)
+
+    def answer_logits(params, batch):
+        h = model.apply({"params": params}, batch["input_ids"], logits=False)
+        at = batch["answer_at"][:, None] + jnp.arange(-1, 1)[None]                    # predicting positions
+        lg = model.apply({"params": params}, jnp.take_along_axis(h, at[..., None], 1), method="head")
+        return lg, jnp.take_along_axis(batch["input_ids"], at + 1, 1)                  # [B, 2, V], [B, 2]
+
+    def metrics_fn(params, batch):
+        lg, target = answer_logits(params, batch)
+        pred = jnp.argmax(lg[:, 0, label_ids], -1)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(lg, target).mean(),
+                "acc": jnp.mean(pred == batch["label"])}
+
+    def loss_fn(params, batch, rng=None):
+        m = metrics_fn(params, batch)
+        return m["loss"], {"acc": m["acc"]}
+
+    def label_logits(params, batch):
+        return answer_logits(params, batch)[0][:, 0, label_ids]
+    return loss_fn, metrics_fn, label_logits
+
+
+def smollm_tweets(config: ml_collections.ConfigDict, dtype: Any = jnp.float32) -> Task:
+    """SmolLM2-135M-Instruct (:func:`experiments.models.llama.load_smollm2`, its first ``config.layers`` layers
+    where that is > 0) on the tweets as instruction following (:func:`experiments.data.tweets.chat_examples`,
+    ``config.seq_len`` tokens). Trained on the answer tokens' loss; monitored on the first
+    ``config.val_examples`` validation tweets, tested on the first ``config.test_examples`` test tweets (0: all
+    3,724); accuracy from the label words' log-likelihood, loss = cross-entropy over the three label words."""
+    from experiments.data import tweets as data
+    from experiments.models import llama
+    overrides = {"layers": config.layers} if config.get("layers", 0) else {}
+    model, params, tok = llama.load_smollm2(scan=bool(config.get("scan", True)),
+                                            dtype=config.get("compute_dtype", "float32"), **overrides)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    splits = data.chat_examples(tok, seq_len=config.seq_len, seed=config.data_seed)
+    loss_fn, metrics_fn, label_logits = answer_fns(model, splits.pop("label_ids"))
+    val = {k: v[:config.val_examples] for k, v in splits["validation"].items()}
+    test = {k: v[:config.get("test_examples", 0) or None] for k, v in splits["test"].items()}
+    evaluate = split_metrics(label_logits, config.eval_chunk)
+    n_test = len(test["label"])
+    notes = [f"SmolLM2-135M-Instruct ({model.cfg.layers} of 30 layers, {sum(x.size for x in jax.tree.leaves(params)):,}"
+             f" params, GGUF Q4_1 dequantised, base weights {jnp.dtype(dtype).name}, compute {model.cfg.dtype}); "
+             f"tweets as chat turns, loss on the answer tokens; {len(splits['train']['label']):,} train / "
+             f"{len(val['label']):,} validation / {n_test:,} test (of {len(splits['test']['label']):,}), "
+             f"{config.seq_len} tokens; {config.adapt_steps} steps x {config.batch_size} per method"]
+    return Task("tweet sentiment as instructions (SmolLM2)", model, params, loss_fn, metrics_fn,
+                batches=lambda seed, start: data.batches(splits["train"], config.batch_size, seed, start),
+                inputs=lambda b: (b["input_ids"],), monitor=lambda p: evaluate(p, val), monitor_split="val",
+                test=lambda p: evaluate(p, test), notes=notes, start="zero-shot")

@@ -100,3 +100,46 @@ def batches(split: Split, batch_size: int, seed: int, start: int = 0) -> Iterato
     while True:
         yield batch(split, batch_size, seed, step)
         step += 1
+
+
+# --- as instruction following, for a chat LLM ---------------------------------------------------------------
+
+INSTRUCTION = "Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word."
+
+
+def chat_examples(tok: Any, seq_len: int = 96, seed: int = 0, instruction: str = INSTRUCTION,
+                  dedupe: bool = True) -> dict[str, Split]:
+    """The splits of :func:`load` as chat turns for a chat tokenizer ``tok`` (``experiments.models.llama.
+    ChatTokenizer``): the user turn is ``instruction``, a blank line and the tweet, the assistant turn the label
+    word; the template adds the model's default system turn.
+
+    Each split: ``input_ids [n, seq_len]`` (the prompt, then the answer tokens: the label word's token and
+    ``<|im_end|>``; right-padded with the pad id), ``attention_mask``, ``answer_at [n]`` (the index of the
+    first answer token: the model predicts the label at ``answer_at - 1``), ``label [n]``. A tweet longer than
+    fits is cut (token-wise) so that the template's end and the answer always survive. ``label_ids`` (the
+    label words' token ids, each word one token) is returned alongside, under the key ``"label_ids"``.
+    """
+    texts, labels = read(dedupe)
+    marker = "\x00"
+    prompt = tok.chat([{"role": "user", "content": f"{instruction}\n\n{marker}"}])
+    head, tail = (tok.encode(p) for p in prompt.split(marker))
+    label_ids = [tok.encode(w) for w in LABELS]
+    if any(len(t) != 1 for t in label_ids):
+        raise ValueError(f"chat_examples: the label words {LABELS} must be one token each; got {label_ids}.")
+    answers = [[t[0], tok.eos_id] for t in label_ids]
+    room = seq_len - len(head) - len(tail) - 2
+    if room < 8:
+        raise ValueError(f"chat_examples: seq_len={seq_len} leaves {room} tokens for the tweet (the template "
+                         f"and answer take {seq_len - room}); use seq_len >= {seq_len - room + 8}.")
+    body = [e.ids[:room] for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    ids = np.full((len(texts), seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(texts), seq_len), np.int32)
+    answer_at = np.zeros(len(texts), np.int32)
+    for i, (b, y) in enumerate(zip(body, labels)):
+        row = head + b + tail + answers[y]
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        answer_at[i] = len(row) - 2
+    data = {s: {"input_ids": ids[idx], "attention_mask": mask[idx], "answer_at": answer_at[idx],
+                "label": labels[idx]} for s, idx in split_indices(labels, seed).items()}
+    data["label_ids"] = np.asarray([t[0] for t in label_ids], np.int32)
+    return data
