@@ -80,6 +80,38 @@ def test_logits_and_greedy_generation_equal_transformers(smol, hf):
     assert tok.decode(ours) == "The capital of France is Paris."
 
 
+@pytest.mark.peft
+def test_peft_export_loads_into_transformers_with_the_same_effect(smol, hf, tmp_path):
+    """A LoRA on the scanned model (stacked kernels), exported with ``module_map=llama.hf_module``, loads with
+    ``peft`` into transformers' model of the same GGUF: the adapted logits agree to 1e-3 (the two bases differ
+    by ~1.5e-4) and the adapter's effect on them (adapted - base, up to ~1 here) to 3e-4 (0.05% of the
+    entries differ by more than 1e-4: f32 rounding of two programs)."""
+    import torch
+    from peft import PeftModel
+    import reparam as rp
+    from tests.methods import perturb
+    model, params, tok = smol
+    plan = rp.plan([(r"layers/(q|v|down)_proj/kernel", rp.lora(4, alpha=8))], params, stacked=r"layers/.*")
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    trainable = perturb(trainable, jax.random.key(1), 0.02)
+    rp.interop.peft.export(plan, frozen, trainable, str(tmp_path), module_map=llama.hf_module,
+                           base_modules=[n for n, _ in hf[0].named_modules()])
+    ids = tok.encode(chat_prompt(tok))
+    ours = lambda p: np.asarray(model.apply({"params": p}, jnp.asarray([ids])))[0]
+    base, adapted = ours(params), ours(plan.merge(frozen, trainable))
+    peft_model = PeftModel.from_pretrained(hf[0], str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = peft_model(torch.tensor([ids])).logits[0].numpy()
+        with peft_model.disable_adapter():
+            ref_base = peft_model(torch.tensor([ids])).logits[0].numpy()
+    peft_model.unload()
+    assert np.abs(adapted - base).max() > 0.05                         # the adapter changes the logits
+    np.testing.assert_allclose(adapted, ref, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(adapted - base, ref - ref_base, atol=3e-4, rtol=0)
+    with pytest.raises(ValueError, match="not a Llama layer's projection"):
+        llama.hf_module("embed_tokens/embedding")
+
+
 def test_cached_generation_equals_full_recomputation(smol):
     """Batched, left-padded greedy decoding over the KV cache picks, at every step, the argmax of a full
     forward over the unpadded prefix (no cache) -- for two prompts of different lengths, per-layer and

