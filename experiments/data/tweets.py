@@ -120,23 +120,37 @@ def chat_examples(tok: Any, seq_len: int = 96, seed: int = 0, instruction: str =
     label words' token ids, each word one token) is returned alongside, under the key ``"label_ids"``.
     """
     texts, labels = read(dedupe)
-    marker = "\x00"
-    prompt = tok.chat([{"role": "user", "content": f"{instruction}\n\n{marker}"}])
-    head, tail = (tok.encode(p) for p in prompt.split(marker))
     label_ids = [tok.encode(w) for w in LABELS]
     if any(len(t) != 1 for t in label_ids):
         raise ValueError(f"chat_examples: the label words {LABELS} must be one token each; got {label_ids}.")
     answers = [[t[0], tok.eos_id] for t in label_ids]
-    room = seq_len - len(head) - len(tail) - 2
-    if room < 8:
-        raise ValueError(f"chat_examples: seq_len={seq_len} leaves {room} tokens for the tweet (the template "
-                         f"and answer take {seq_len - room}); use seq_len >= {seq_len - room + 8}.")
-    body = [e.ids[:room] for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    frame = len(tok.encode(tok.chat([{"role": "user", "content": f"{instruction}\n\n"}])))
+    if seq_len - frame - 2 < 8:
+        raise ValueError(f"chat_examples: seq_len={seq_len} leaves {seq_len - frame - 2} tokens for the tweet (the "
+                         f"template and answer take {frame + 2}); use seq_len >= {frame + 10}.")
+
+    def prompts(ts):
+        return [e.ids for e in tok.tokenizer.encode_batch(
+            [tok.chat([{"role": "user", "content": f"{instruction}\n\n{t}"}]) for t in ts],
+            add_special_tokens=False)]
+
+    # Each prompt is tokenized whole (token merges across the template/tweet boundary are those of the chat);
+    # a tweet too long to fit is cut token-wise, decoded and tokenized again until its prompt fits.
+    rows = prompts(texts)
+    long = [i for i, r in enumerate(rows) if len(r) + 2 > seq_len]
+    while long:
+        cut = []
+        for i in long:
+            body = tok.tokenizer.encode(texts[i], add_special_tokens=False).ids
+            cut.append(tok.tokenizer.decode(body[:max(0, len(body) - (len(rows[i]) + 2 - seq_len))]))
+        for i, t, r in zip(long, cut, prompts(cut)):
+            texts[i], rows[i] = t, r
+        long = [i for i in long if len(rows[i]) + 2 > seq_len]
     ids = np.full((len(texts), seq_len), tok.pad_id, np.int32)
     mask = np.zeros((len(texts), seq_len), np.int32)
     answer_at = np.zeros(len(texts), np.int32)
-    for i, (b, y) in enumerate(zip(body, labels)):
-        row = head + b + tail + answers[y]
+    for i, (r, y) in enumerate(zip(rows, labels)):
+        row = r + answers[y]
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
         answer_at[i] = len(row) - 2
     data = {s: {"input_ids": ids[idx], "attention_mask": mask[idx], "answer_at": answer_at[idx],
