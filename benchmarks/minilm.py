@@ -190,10 +190,6 @@ def init_method(name: str, clf, params, batch, loss_fn):
 def child(name: str, mode: str, args) -> dict:
     import jax
     import numpy as np
-    import optax
-
-    import reparam as rp
-    from benchmarks.timing import median, peak_bytes, run_steps
 
     t0 = time.perf_counter()
     clf, params, batch, loss_fn = model_and_batch(args.batch, args.seq)
@@ -207,26 +203,41 @@ def child(name: str, mode: str, args) -> dict:
     init_warm_s = time.perf_counter() - t0
     initial = None if name == "full" else jax.tree.map(np.array, trainable)   # the step donates `trainable`
 
+    row, state = measure(name, mode, plan, frozen, trainable, loss_fn, batch, args)
+    size, what = adapter_bytes(name, params, frozen, state.trainable, initial)
+    return {**row, "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "adapter_bytes": size,
+            "adapter_what": what}
+
+
+def measure(name: str, mode: str, plan, frozen, trainable, loss_fn, batch, args) -> tuple[dict, object]:
+    """Compiles the AdamW train step (``matmul=mode``) and times it -- ``args.warmup`` steps, then the median of
+    ``args.steps`` -- with XLA's peak estimate, the peak RSS while training and the routes the step took;
+    ``(row of the table as a dict, final state)``."""
+    import jax
+    import optax
+
+    import reparam as rp
+    from benchmarks.timing import median, peak_bytes, run_steps
+
     opt = optax.adamw(1e-4)
     step = rp.train.make_train_step(plan, loss_fn, opt, matmul=mode)
     state = rp.train.init_state(trainable, opt, jax.random.key(2))
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    routes = sorted({u.route for s in step.routing.uses.values() for u in s.values()})
     peak = peak_bytes(compiled)
     rss0 = rss_mb("VmRSS")
     reset = reset_peak_rss()
     state, times, losses = run_steps(compiled, state, frozen, batch, args.warmup, args.steps)
     ms = median(times)
     rss_peak = rss_mb("VmHWM")
-    size, what = adapter_bytes(name, params, frozen, state.trainable, initial)
     return {"side": "reparam", "method": name, "matmul": mode, "step_ms": ms,
             "tokens_per_s": args.batch * args.seq / ms * 1e3, "step_ms_all": times,
             "trainable": int(sum(plan.trainable_counts(trainable))), "xla_peak_mb": peak / 2 ** 20,
             "rss_peak_mb": rss_peak if reset else None, "rss_train_delta_mb": rss_peak - rss0 if reset else None,
-            "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "compile_s": compile_s,
-            "adapter_bytes": size, "adapter_what": what, "loss_first": losses[0], "loss": losses[-1],
-            "backend": jax.default_backend(), "huge_pages": huge_pages()}
+            "compile_s": compile_s, "routes": routes, "loss_first": losses[0], "loss": losses[-1],
+            "backend": jax.default_backend(), "huge_pages": huge_pages()}, state
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -235,7 +246,7 @@ def run_child(module: str, spec: str, args) -> dict:
     """Runs one configuration in a fresh process; its JSON line, or ``{"error": ...}``."""
     cmd = [sys.executable, "-m", module, f"--child={spec}", f"--batch={args.batch}", f"--seq={args.seq}",
            f"--warmup={args.warmup}", f"--steps={args.steps}"]
-    side = "peft" if module.endswith("peft_minilm") else "reparam"
+    side = "peft" if module.rsplit(".", 1)[-1].startswith("peft_") else "reparam"
     env = dict(os.environ)
     if args.huge_pages in (side, "both"):
         from reparam.train import huge_pages_env
@@ -296,7 +307,7 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, title="all-MiniLM-L6-v2, batch 32 x 64 tokens, CPU"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,20 +348,19 @@ def plot(rows, path):
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle("all-MiniLM-L6-v2, batch 32 x 64 tokens, CPU: reparam vs PEFT (dotted: each side's LoRA)",
-                 fontsize=9)
+    fig.suptitle(f"{title}: reparam vs PEFT (dotted: each side's LoRA)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _tag(args) -> str:
-    return args.tag or ("minilm_quick" if args.quick else "minilm")
+def _tag(args, base="minilm") -> str:
+    return args.tag or (f"{base}_quick" if args.quick else base)
 
 
-def write(rows, args):
+def write(rows, args, model="all-MiniLM-L6-v2", base="minilm"):
     """``<tag>.json`` (every row), ``<tag>.md`` (the table) and ``<tag>.png`` (the bar chart) in ``args.out``."""
-    tag = _tag(args)
+    tag = _tag(args, base)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump({"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
@@ -360,55 +370,55 @@ def write(rows, args):
         repeat = f", the median of {args.repeat} interleaved runs (each a fresh process)" if args.repeat > 1 else ""
         pages = {"reparam": "reparam's processes", "peft": "PEFT's processes", "both": "both sides",
                  "none": "neither side"}[args.huge_pages]
-        f.write(f"all-MiniLM-L6-v2, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
+        f.write(f"{model}, batch {args.batch} x {args.seq}, median of {args.steps} steps after "
                 f"{args.warmup} warm-up{repeat}; glibc malloc on huge pages: {pages}; "
-                f"`python -m benchmarks.minilm {' '.join(sys.argv[1:])}`\n\n"
+                f"`python -m benchmarks.{base} {' '.join(sys.argv[1:])}`\n\n"
                 f"{markdown(rows)}\n")
-    plot(rows, os.path.join(args.out, f"{tag}.png"))
+    plot(rows, os.path.join(args.out, f"{tag}.png"), f"{model}, batch {args.batch} x {args.seq} tokens, CPU")
 
 
-def main():
-    from benchmarks import peft_minilm
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=None, help=f"comma-separated; default {PEFT_TOO},... (all)")
+def parser(doc: str, methods: str, batch: int, seq: int, steps: int = 15) -> argparse.ArgumentParser:
+    """The command line of a side-by-side benchmark (this one's and ``benchmarks/smollm.py``'s)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--methods", default=None, help=f"comma-separated; default {methods}")
     ap.add_argument("--sides", default="reparam,peft", help="reparam, peft or both")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seq", type=int, default=seq)
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (--quick: 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps, median reported; default 15 (--quick: 3)")
+    ap.add_argument("--steps", type=int, default=None, help=f"timed steps, median reported; default {steps} "
+                                                            "(--quick: 3)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each configuration, the sides interleaved; the median run is reported")
     ap.add_argument("--huge-pages", default="reparam", choices=("reparam", "peft", "both", "none"),
                     help="the sides whose processes run with rp.train.HUGE_PAGES in GLIBC_TUNABLES, as "
                          "rp.train.use_huge_pages() sets it (default: reparam's)")
-    ap.add_argument("--quick", action="store_true", help="lora,pissa with 1 + 3 steps; writes minilm_quick.*")
+    ap.add_argument("--quick", action="store_true", help="lora,pissa with 1 + 3 steps; writes <tag>_quick.*")
     ap.add_argument("--out", default=OUT)
-    ap.add_argument("--tag", default=None, help="output file names <tag>.{json,md,png}; default minilm(_quick)")
+    ap.add_argument("--tag", default=None, help="output file names <tag>.{json,md,png}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    defaults = QUICK if args.quick else dict(methods=all_methods(), warmup=3, steps=15)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.child:
-        name, _, mode = args.child.partition("@")
-        print(json.dumps(child(name, mode or "auto", args)))
-        return
+    return ap
+
+
+def sweep(args, module: str, peft_module: str, peft_methods, check, model: str, base: str) -> list:
+    """Runs every ``args.methods`` configuration of ``module`` (reparam) and ``peft_module`` (PEFT, for the
+    names in ``peft_methods``) in fresh processes, the sides interleaved ``args.repeat`` times; prints a line
+    per run, writes the table, JSON and plot after each method (a killed sweep keeps its rows); exits 1 when a
+    run failed. ``check(name)`` fails early on an unknown method."""
     sides = args.sides.split(",")
     rows = []
     for spec in args.methods.split(","):
         name, _, mode = spec.partition("@")
-        rules_for(name)                                      # unknown names fail before any run
-        todo = [("reparam", "benchmarks.minilm")] if "reparam" in sides else []
-        peft_lacks = "peft" in sides and not mode and name not in peft_minilm.METHODS
+        check(name)                                          # unknown names fail before any run
+        todo = [("reparam", module)] if "reparam" in sides else []
+        peft_lacks = "peft" in sides and not mode and name not in peft_methods
         if "peft" in sides and not mode and not peft_lacks:
-            todo.append(("peft", "benchmarks.peft_minilm"))
+            todo.append(("peft", peft_module))
         runs = {side: [] for side, _ in todo}
         for _ in range(args.repeat):                         # interleaved: reparam, PEFT, reparam, PEFT, ...
-            for side, module in todo:
-                runs[side].append(run_child(module, spec, args))
-        for side, module in todo:
+            for side, mod in todo:
+                runs[side].append(run_child(mod, spec, args))
+        for side, _ in todo:
             r = {"side": side, "method": name, **({"matmul": mode or "auto"} if side == "reparam" else {}),
                  **median_run(runs[side])}
             rows.append(r)
@@ -421,11 +431,33 @@ def main():
         if peft_lacks:
             rows.append({"side": "peft", "method": name, "missing": True})
             print(f"{spec:>14}    peft: not in PEFT", flush=True)
-        write(rows, args)                                   # after every method: a killed sweep keeps its rows
+        write(rows, args, model, base)
     print("\n" + markdown(rows))
-    print(f"\nwrote {_tag(args)}.json, .md, .png to {args.out}")
+    print(f"\nwrote {_tag(args, base)}.json, .md, .png to {args.out}")
     if any("error" in r for r in rows):
         raise SystemExit(1)
+    return rows
+
+
+def dispatch(args, defaults: dict, child) -> bool:
+    """Fills ``args``' unset options from ``defaults``; in a child process (``--child=name[@mode]``) runs
+    ``child(name, mode, args)``, prints its JSON line and returns True."""
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.child:
+        name, _, mode = args.child.partition("@")
+        print(json.dumps(child(name, mode or "auto", args)))
+    return bool(args.child)
+
+
+def main():
+    from benchmarks import peft_minilm
+    args = parser(__doc__, f"{PEFT_TOO},... (all)", batch=32, seq=64).parse_args()
+    if dispatch(args, QUICK if args.quick else dict(methods=all_methods(), warmup=3, steps=15), child):
+        return
+    sweep(args, "benchmarks.minilm", "benchmarks.peft_minilm", peft_minilm.METHODS, rules_for,
+          "all-MiniLM-L6-v2", "minilm")
 
 
 if __name__ == "__main__":

