@@ -233,7 +233,7 @@ def test_sorsa_penalty_is_zero_at_init_and_positive_after():
     w = jax.random.normal(jax.random.key(0), (12, 9))
     t = rp.sorsa(4, gamma=1.0)
     f, tr = t.init(None, w)
-    assert float(t.penalty(f, tr)) < 1e-9
+    assert float(t.penalty(f, tr)) < 1e-7        # f32 round-off of the SVD factors
     assert float(t.penalty(f, perturb(tr, jax.random.key(1)))) > 1e-3
 
 
