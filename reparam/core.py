@@ -237,6 +237,23 @@ def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
                            "weight from the rule.")
 
 
+def check_finite(x, what: str, fix: str) -> None:
+    """Raises a :class:`ReparamError` naming ``what``, the first bad entry and ``fix`` when a concrete float
+    array holds inf or NaN. One host-side reduction, meant for init and calibration time, never a step;
+    skipped for tracers (``plan()``'s abstract shapes, a jitted init)."""
+    dtype = getattr(x, "dtype", type(x) if isinstance(x, (int, float)) else None)
+    if isinstance(x, jax.core.Tracer) or dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        return
+    x = jnp.asarray(x)
+    bad = ~jnp.isfinite(x)
+    n = int(jnp.sum(bad))
+    if n:
+        i = int(jnp.argmax(bad.reshape(-1)))
+        at = f" at {list(map(int, np.unravel_index(i, x.shape)))}" if x.ndim else ""
+        raise ReparamError(f"{what} has {n} non-finite entr{'y' if n == 1 else 'ies'} (inf/NaN), the first{at} "
+                           f"= {float(x.reshape(-1)[i])}: {fix}")
+
+
 class Basis(NamedTuple):
     """A linear change of basis for weight matrices: ``coeffs = forward(W)``, ``W = inverse(coeffs)``.
 
