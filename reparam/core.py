@@ -309,18 +309,24 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
         base = w if fb is c else (w + basis.inverse(fb - c).astype(w.dtype))
         return {"base": base, "inner": f}, t
 
+    def inner_frozen(frozen):
+        # coefficients have the weight's shape, so the inner transform may read its shape from the base
+        return {**frozen["inner"], "base": frozen["base"]}
+
     def delta(frozen, trainable, **kw):
-        # coefficients have the weight's shape, so the inner delta may read its shape from the base
-        dc = inner.delta({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
-        return scale * basis.inverse(dc)
+        return scale * basis.inverse(inner.delta(inner_frozen(frozen), trainable, **kw))
 
     structure = None
     if basis.along is not None and inner.structure is not None:
         def structure(frozen, trainable, **kw):
-            s = inner.structure({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
-            return InBasis(s, scale, basis)
+            return InBasis(inner.structure(inner_frozen(frozen), trainable, **kw), scale, basis)
+
+    penalty = None
+    if inner.penalty is not None:       # the inner transform's regulariser, on its own trainables (SORSA's)
+        def penalty(frozen, trainable, **kw):
+            return inner.penalty(inner_frozen(frozen), trainable, **kw)
 
     return additive(Ident("in_basis", basis=basis.name, inner=inner.ident, s=scale if scale != 1.0 else None,
                           text=f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})"),
-                    init, delta, structure=structure, penalty=None, stochastic=inner.stochastic,
+                    init, delta, structure=structure, penalty=penalty, stochastic=inner.stochastic,
                     calib=inner.calib, shared=inner.shared)
