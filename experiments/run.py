@@ -44,6 +44,11 @@ and each effective weight comes out in the base's dtype. ``remat=True`` passes
 ``remat`` to ``rp.train.make_train_step`` in every phase (activations
 recomputed in the backward pass). The table's footer states both.
 
+Checks: before anything runs, an unknown ``--config.<key>`` is listed with its near matches
+(:func:`parse_flags`), and numeric keys out of range or a method's bad hyperparameters are refused
+(:func:`check_config`); a non-finite training loss stops the run, naming the phase, step and loss. The CLI
+then exits 1 with the message.
+
 Checkpoints and resume: with ``checkpoint_every`` > 0 (steps; 0 = off), each
 phase saves its train state (trainable arrays, optimizer state, step, PRNG key
 and the run's config; never the frozen base, which ``plan.init`` rebuilds)

@@ -31,7 +31,10 @@ Linear weights ``[out, in]``, so every factor is transposed:
   ``lokr_w2_a = B2ᵀ``, ``lokr_w2_b = B1ᵀ``; ``r``, ``alpha``, ``decompose_both``, ``decompose_factor``.
 
 Loading rescales one factor where the file's scaling differs from the plan's (same ``ΔW``) and
-raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan.
+raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan, when
+``adapter_config.json`` is not a JSON object with the keys its ``peft_type`` needs (of the right types and
+ranges), or when the weights file is damaged or holds integer or non-finite tensors. Export writes each
+file beside its target and renames it into place: atomic, and a symlink there is replaced, not followed.
 """
 from __future__ import annotations
 
