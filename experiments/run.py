@@ -44,6 +44,11 @@ and each effective weight comes out in the base's dtype. ``remat=True`` passes
 ``remat`` to ``rp.train.make_train_step`` in every phase (activations
 recomputed in the backward pass). The table's footer states both.
 
+Checks: before anything runs, an unknown ``--config.<key>`` is listed with its near matches
+(:func:`parse_flags`), and numeric keys out of range or a method's bad hyperparameters are refused
+(:func:`check_config`); a non-finite training loss stops the run, naming the phase, step and loss. The CLI
+then exits 1 with the message.
+
 Checkpoints and resume: with ``checkpoint_every`` > 0 (steps; 0 = off), each
 phase saves its train state (trainable arrays, optimizer state, step, PRNG key
 and the run's config; never the frozen base, which ``plan.init`` rebuilds)
@@ -72,11 +77,13 @@ previous run left in ``output_dir``. ``--config.resume=True`` (needs
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -104,6 +111,75 @@ if "config" not in flags.FLAGS:   # shared by the experiments CLIs, which import
 # (a method's phase depends on the config alone, not on the other methods)
 RESUME_IGNORES = tuple(rp.checkpoint.VOLATILE) + ("methods",)
 PHASE_FILES = ("result.json", "trainable.safetensors")    # in output_dir/<phase>/
+
+_POS_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+_NONNEG_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
+_POS_REAL = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+             "a finite number > 0")
+_NONNEG_REAL = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                "a finite number >= 0")
+# What numeric config keys must be (keys a config does not have are skipped); ranks, alpha and densities
+# are checked by the methods' transforms, which check_config builds
+RANGES = {
+    "pretrain_steps": _POS_INT, "adapt_steps": _POS_INT, "batch_size": _POS_INT, "eval_every": _POS_INT,
+    "calib_batches": _POS_INT, "seq_len": _POS_INT, "eval_chunk": _POS_INT, "val_examples": _POS_INT,
+    "test_examples": _NONNEG_INT, "timing_warmup": _NONNEG_INT, "checkpoint_every": _NONNEG_INT,
+    "keep_checkpoints": (_POS_INT[0], "an int >= 1 (the newest checkpoints kept per phase; to save none, set "
+                                      "checkpoint_every=0)"),
+    "pretrain_lr": _POS_REAL, "adapt_lr": _POS_REAL, "weight_decay": _NONNEG_REAL,
+    "test_fraction": (lambda v: isinstance(v, float) and 0 < v < 1, "in (0, 1)"),
+}
+
+
+def check_keys(config: ml_collections.ConfigDict, keys) -> None:
+    """Raises a ReparamError listing the dotted ``keys`` (``--config.<key>`` overrides) that ``config`` does not
+    have, each with its near matches."""
+    bad = []
+    for key in keys:
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if part not in node:
+                prefix = ".".join(parts[:i] + [""])
+                near = [prefix + k for k in difflib.get_close_matches(part, list(node.keys()), n=3, cutoff=0.6)]
+                bad.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""))
+                break
+            node = node[part]
+    if bad:
+        raise rp.ReparamError(f"unknown config key{'s' * (len(bad) > 1)}: {', '.join(bad)}. Fix the "
+                              "--config.<key>=value flags; the config file's get_config() lists the keys.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:data:`RANGES`,
+    each learning rate of ``method_lr``) and the first method whose transforms refuse their hyperparameters."""
+    bad = [(k, config[k], what) for k, (ok, what) in RANGES.items() if k in config and not ok(config[k])]
+    bad += [(f"method_lr.{k}", v, _POS_REAL[1]) for k, v in config.get("method_lr", {}).items()
+            if not _POS_REAL[0](v)]
+    if bad:
+        raise rp.ReparamError("; ".join(f"config.{k}={v!r} must be {what}" for k, v, what in bad)
+                              + ". Fix the config or its --config.<key>=value flags.")
+    for name in M.names(config.methods):
+        try:
+            M.METHODS[name](config)
+        except rp.ReparamError as e:
+            raise rp.ReparamError(f"method {name!r}: {e} Fix the config key it reads (rank, alpha, density, "
+                                  "...).") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every ``--config.<key>`` override checked against the config file's keys first
+    (an unknown one exits with the near matches, before anything runs)."""
+    keys = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    path = next((a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv, argv[1:] + [""])
+                 if a == "--config" or a.startswith("--config=")), None)
+    if keys and path:
+        try:
+            check_keys(flags.FLAGS["config"].parser.parse(path), keys)     # the file's get_config(), as absl loads it
+        except rp.ReparamError as e:
+            sys.exit(f"experiments.run: {e}")
+    return app.parse_flags_with_usage(argv)
 
 
 def make_fns(model) -> tuple[Callable, Callable]:
@@ -223,6 +299,12 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
             rec = {"method": name, "step": i, "loss": float(m["loss"]), "train_acc": float(m["acc"])}
             if float(m["penalty"]):
                 rec["penalty"] = float(m["penalty"])
+            if not math.isfinite(rec["loss"] + rec.get("penalty", 0.0)):
+                raise FloatingPointError(
+                    f"[{name}] step {i}: the training loss is {rec['loss']}" + (f" (penalty {rec['penalty']})"
+                    if "penalty" in rec else "") + f"; stopped, nothing of this step saved. Lower the learning "
+                    f"rate (now {lr:g}: --config.pretrain_lr, --config.method_lr.<method> or --config.adapt_lr) "
+                    "or check the batches.")
             if i % config.eval_every == 0 or i == steps:
                 ev = jax.device_get(evaluate(state.trainable, frozen, test))
                 rec.update({f"{split}_loss": float(ev["loss"]), f"{split}_acc": float(ev["acc"])})
@@ -417,6 +499,7 @@ def start_afresh(output_dir: str, log_path: str) -> None:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The whole experiment; returns the results dict (also written to ``output_dir``)."""
+    check_config(config)
     names = M.names(config.methods)
     dtype = base_dtype(config)
     resume = bool(config.get("resume", False))
@@ -467,8 +550,11 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)      # absl's INFO lines (e.g. backend probing) are noise here
     rp.train.use_huge_pages()       # first: re-executes once with glibc malloc on 2 MiB pages (CPU steps ~20% faster)
-    run(flags.FLAGS.config)
+    try:
+        run(flags.FLAGS.config)
+    except (rp.ReparamError, FloatingPointError) as e:     # bad input or a diverged run: the message, exit 1
+        sys.exit(f"experiments.run: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from reparam.core import ReparamError
+from reparam.core import ReparamError, check_finite
 from reparam.plan import path_str
 
 
@@ -60,6 +60,9 @@ def capture_inputs(model: nn.Module, variables, batches: Iterable, *, paths: Opt
         args = batch if isinstance(batch, tuple) else (batch,)
         shapes = [tuple(np.shape(a)) for a in args]
         first = first or shapes
+        for j, a in enumerate(args):
+            check_finite(a, f"calibration batch {i}, input {j}", "drop or clean that batch; calibration "
+                         "statistics from it would make the init's weights inf/NaN.")
         try:
             with nn.intercept_methods(record):
                 model.apply(variables, *args, method=method, **apply_kwargs)
@@ -73,6 +76,9 @@ def capture_inputs(model: nn.Module, variables, batches: Iterable, *, paths: Opt
     if wanted is not None and wanted - set(sums):
         raise ReparamError(f"capture_inputs found no module input for {sorted(wanted - set(sums))[:5]}; "
                            f"kernel paths look like {sorted(seen)[:3]} (set prefix= to match the plan's paths).")
+    for k in sums:
+        check_finite(sums[k], f"capture_inputs: the input covariance of '{k}'", "the model makes inf/NaN "
+                     "upstream of this layer on these batches (check the params and the batches' values).")
     return {k: {"cov": sums[k] / counts[k], "n": counts[k]} for k in sums}
 
 
@@ -115,4 +121,7 @@ def capture_grads(loss_fn: Callable, params, batches: Iterable, *, paths: Sequen
     if missing:
         raise ReparamError(f"capture_grads: {missing[:5]} are not parameter paths; paths look like "
                            f"{list(flat)[:3]}.")
+    for p in paths:
+        check_finite(flat[p], f"capture_grads: the mean gradient of '{p}'", "some calibration batch gives a "
+                     "non-finite loss or gradient; check loss_fn on each batch (a log of 0? an overflow?).")
     return {p: {"grad": flat[p]} for p in paths}

@@ -237,6 +237,23 @@ def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
                            "weight from the rule.")
 
 
+def check_finite(x, what: str, fix: str) -> None:
+    """Raises a :class:`ReparamError` naming ``what``, the first bad entry and ``fix`` when a concrete float
+    array holds inf or NaN. One host-side reduction, meant for init and calibration time, never a step;
+    skipped for tracers (``plan()``'s abstract shapes, a jitted init)."""
+    dtype = getattr(x, "dtype", type(x) if isinstance(x, (int, float)) else None)
+    if isinstance(x, jax.core.Tracer) or dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        return
+    x = jnp.asarray(x)
+    bad = ~jnp.isfinite(x)
+    n = int(jnp.sum(bad))
+    if n:
+        i = int(jnp.argmax(bad.reshape(-1)))
+        at = f" at {list(map(int, np.unravel_index(i, x.shape)))}" if x.ndim else ""
+        raise ReparamError(f"{what} has {n} non-finite entr{'y' if n == 1 else 'ies'} (inf/NaN), the first{at} "
+                           f"= {float(x.reshape(-1)[i])}: {fix}")
+
+
 class Basis(NamedTuple):
     """A linear change of basis for weight matrices: ``coeffs = forward(W)``, ``W = inverse(coeffs)``.
 
@@ -292,18 +309,24 @@ def in_basis(basis: Basis, inner: Reparam, scale: float = 1.0) -> Reparam:
         base = w if fb is c else (w + basis.inverse(fb - c).astype(w.dtype))
         return {"base": base, "inner": f}, t
 
+    def inner_frozen(frozen):
+        # coefficients have the weight's shape, so the inner transform may read its shape from the base
+        return {**frozen["inner"], "base": frozen["base"]}
+
     def delta(frozen, trainable, **kw):
-        # coefficients have the weight's shape, so the inner delta may read its shape from the base
-        dc = inner.delta({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
-        return scale * basis.inverse(dc)
+        return scale * basis.inverse(inner.delta(inner_frozen(frozen), trainable, **kw))
 
     structure = None
     if basis.along is not None and inner.structure is not None:
         def structure(frozen, trainable, **kw):
-            s = inner.structure({**frozen["inner"], "base": frozen["base"]}, trainable, **kw)
-            return InBasis(s, scale, basis)
+            return InBasis(inner.structure(inner_frozen(frozen), trainable, **kw), scale, basis)
+
+    penalty = None
+    if inner.penalty is not None:       # the inner transform's regulariser, on its own trainables (SORSA's)
+        def penalty(frozen, trainable, **kw):
+            return inner.penalty(inner_frozen(frozen), trainable, **kw)
 
     return additive(Ident("in_basis", basis=basis.name, inner=inner.ident, s=scale if scale != 1.0 else None,
                           text=f"in_basis({basis.name}, {inner.name}{', s=%g' % scale if scale != 1.0 else ''})"),
-                    init, delta, structure=structure, penalty=None, stochastic=inner.stochastic,
+                    init, delta, structure=structure, penalty=penalty, stochastic=inner.stochastic,
                     calib=inner.calib, shared=inner.shared)

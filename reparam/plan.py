@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reparam import structure, views
-from reparam.core import Reparam, ReparamError
+from reparam.core import Reparam, ReparamError, check_finite
 
 PyTree = Any
 
@@ -106,6 +106,12 @@ class Plan:
                     f"this transform needs calibration data ({t.calib}) and calib has none for this path; "
                     "pass calib=rp.capture_inputs(...) (or rp.capture_grads(...)) to plan.init."))
             try:
+                check_finite(w, "the weight", "an SVD of it may hang and any adapter on it trains on "
+                             "inf/NaN outputs; fix the pretrained weights (an overflow when they were saved?) or "
+                             "leave this parameter out of the rule.")
+                for k, v in (c or {}).items():
+                    check_finite(v, f"calib[{k!r}]", "recompute the calibration statistics from finite batches "
+                                 "(rp.capture_inputs / rp.capture_grads refuse non-finite ones).")
                 f, tr = t.init(jax.random.fold_in(key, i), w, c)
             except ReparamError as e:
                 raise _wrap_error(leaf, self.rules, e) from None

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reparam.core import Reparam, ReparamError, additive, check_rank, fmt_name
+from reparam.core import Reparam, ReparamError, additive, check_finite, check_rank, fmt_name
 from reparam.linalg import truncated_svd
 from reparam.lowrank import lora_scale, lowrank_structure
 from reparam.structure import LowRank
@@ -172,6 +172,8 @@ def eva_allocate(calib: dict, rank: int, rho: float = 2.0) -> dict:
     cap = max(1, int(rho * rank))
     ratios = []
     for path, c in calib.items():
+        check_finite(c["cov"], f"eva_allocate: calib['{path}']['cov']", "recompute it from finite batches "
+                     "with rp.capture_inputs.")
         lam = np.clip(np.linalg.eigvalsh(np.asarray(c["cov"], np.float64))[::-1], 0, None)
         ratios += [(float(v), path) for v in (lam / max(lam.sum(), 1e-30))[:cap]]
     ratios.sort(key=lambda t: -t[0])

@@ -8,6 +8,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import pywt
 from hypothesis import given, settings, strategies as st
@@ -164,3 +165,26 @@ def test_trainable_counts_and_names():
     assert waveft(k=7).name == "waveft(k=7, wavelet=haar)"
     assert wara(4, alpha=8, levels=2).name == "wara(r=4, alpha=8, wavelet=haar, levels=2)"
     assert fourierft(1000).name == "fourierft(n=1000, s=150)"
+
+
+@pytest.mark.parametrize("basis", [dct_basis(), wavelet_basis("haar", 2)], ids=["dct", "haar2"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["matrix", "stacked"])
+def test_in_basis_keeps_the_inner_penalty(basis, stacked):
+    """in_basis(basis, sorsa(r)) trains with SORSA's orthonormality regulariser (it used to drop it): the plan's
+    penalty is the inner transform's on the same trainables, and a train step adds it to the loss."""
+    shape = (2, 16, 8) if stacked else (16, 8)
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    inner = rp.sorsa(4, gamma=0.1)
+    plan = rp.plan([("w", in_basis(basis, inner))], params, stacked="w" if stacked else None)
+    assert plan.leaves[0].transform.penalty is not None
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.1, trainable)       # U, V no longer orthonormal
+    t = trainable["w"]
+    one = lambda u, vt: inner.penalty({}, {"U": u, "S": None, "Vt": vt})
+    want = sum(one(t["U"][i], t["Vt"][i]) for i in range(2)) if stacked else one(t["U"], t["Vt"])
+    got = plan.penalty(frozen, trainable)
+    assert float(got) > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    step = rp.train.make_train_step(plan, lambda p, b, rng: jnp.sum(p["w"]) * 0.0, optax.sgd(1e-2), matmul="autodiff")
+    _, metrics = step(rp.train.init_state(trainable, optax.sgd(1e-2), jax.random.key(2)), frozen, None)
+    np.testing.assert_allclose(metrics["penalty"], want, rtol=1e-5)

@@ -31,14 +31,19 @@ Linear weights ``[out, in]``, so every factor is transposed:
   ``lokr_w2_a = B2ᵀ``, ``lokr_w2_b = B1ᵀ``; ``r``, ``alpha``, ``decompose_both``, ``decompose_factor``.
 
 Loading rescales one factor where the file's scaling differs from the plan's (same ``ΔW``) and
-raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan.
+raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan, when
+``adapter_config.json`` is not a JSON object with the keys its ``peft_type`` needs (of the right types and
+ranges), or when the weights file is damaged or holds integer or non-finite tensors. Export writes each
+file beside its target and renames it into place: atomic, and a symlink there is replaced, not followed.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import re
+import secrets
 from collections import Counter
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -47,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reparam import views
-from reparam.core import Reparam, ReparamError
+from reparam.core import Reparam, ReparamError, check_finite
 from reparam.random_basis import vera_basis
 from reparam.structure import LowRank
 
@@ -196,6 +201,88 @@ def _np(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, np.float32))
 
 
+def _write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a fresh file beside ``path``, then ``os.replace`` onto it: a reader sees the old file or
+    the new, never half of one, and a symlink at ``path`` is replaced, never written through."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:                # a fresh random name (created with the umask's mode, as a plain write would be)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --- what adapter_config.json must hold: (test, what it must be) per key, the keys each peft_type needs ---------
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+_RANK = (lambda v: _is_int(v, 1), "an int >= 1")
+_ALPHA = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+          "a finite number > 0")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _pattern(rule):
+    return (lambda v: isinstance(v, dict) and all(isinstance(k, str) and rule[0](x) for k, x in v.items()),
+            f"an object of module-name patterns -> {rule[1]}")
+
+
+_CONFIG_RULES = {
+    "r": _RANK, "lora_alpha": _ALPHA, "alpha": _ALPHA, "rank_pattern": _pattern(_RANK),
+    "alpha_pattern": _pattern(_ALPHA), "use_rslora": _BOOL, "use_dora": _BOOL, "decompose_both": _BOOL,
+    "decompose_factor": (lambda v: v == -1 or _is_int(v, 1), "-1 or an int >= 1"),
+    "fan_in_fan_out": (lambda v: v is False, "false (reparam reads torch Linear [out, in] weights, not Conv1D's)"),
+}
+_REQUIRED = {"LORA": ("r", "lora_alpha"), "VERA": ("r",), "LOKR": ("r", "alpha")}
+
+
+def _read_config(path: str) -> dict:
+    """``adapter_config.json``, checked: a JSON object with a ``peft_type`` reparam loads, its required keys, and
+    every key reparam reads of the right type and range; each error names the file, the key and the fix."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReparamError(f"{path} is not readable JSON ({type(e).__name__}: {e}); a PEFT adapter's "
+                           f"{CONFIG_NAME} is the JSON object save_pretrained writes.") from None
+    if not isinstance(cfg, dict):
+        raise ReparamError(f"{path} holds a JSON {type(cfg).__name__}, not an object of PEFT config keys "
+                           "(peft_type, r, lora_alpha, ...).")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in _REQUIRED:
+        raise ReparamError(f"{path}: peft_type={peft_type!r}; reparam loads {sorted(_REQUIRED)} adapters.")
+    for key in _REQUIRED[peft_type]:
+        if cfg.get(key) is None:
+            near = difflib.get_close_matches(key, [k for k in cfg if k not in _CONFIG_RULES], n=2, cutoff=0.6)
+            raise ReparamError(f"{path} has no {key!r}, which a {peft_type} adapter needs"
+                               + (f" (it has {near}: a misspelling?)" if near else "")
+                               + f"; add \"{key}\": <value> as PEFT's save_pretrained writes it.")
+    bad = [f"{k}={cfg[k]!r} must be {what}" for k, (ok, what) in _CONFIG_RULES.items()
+           if cfg.get(k) is not None and not ok(cfg[k])]
+    if bad:
+        raise ReparamError(f"{path}: " + "; ".join(bad) + ". Fix the file (or re-save the adapter with PEFT).")
+    return cfg
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+    """``adapter_model.safetensors`` as numpy arrays: a damaged file, an integer tensor or a non-finite one is an
+    error naming the file (and the key)."""
+    from safetensors.numpy import load_file
+    try:
+        tensors = load_file(path)
+    except Exception as e:           # safetensors raises its own SafetensorError, OSError, ValueError ...
+        raise ReparamError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is damaged "
+                           "or not an adapter_model.safetensors: export or save the adapter again.") from None
+    for key, x in tensors.items():
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ReparamError(f"'{key}' in {path} has dtype {x.dtype}; adapter weights are floats: the file "
+                               "is not a PEFT adapter of this kind (save it again with float weights).")
+        check_finite(x, f"'{key}' in {path}", "the adapter diverged or the file is damaged; export a finite one.")
+    return tensors
+
+
 # --- export ------------------------------------------------------------------------------------
 
 def _export_lora(entries, trs, initial, config):
@@ -324,7 +411,6 @@ def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_ma
         known = set(base_modules)
         missing = [e.module for e in entries if e.module not in known]
         if missing:
-            import difflib
             near = difflib.get_close_matches(missing[0], sorted(known), n=3, cutoff=0.3)
             raise ReparamError(f"{len(missing)} of {len(entries)} exported modules are not modules of the base "
                                f"model, e.g. {missing[:3]} (close: {near}); PEFT would load this adapter as a "
@@ -346,9 +432,12 @@ def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_ma
     else:
         tensors = _export_lokr(entries, trs, config)
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
+
+    def write_config(tmp):
+        with open(tmp, "x") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+    _write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
     return config
 
 
@@ -362,16 +451,13 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
     ``alpha/r`` differs from the plan's. Every adapted parameter must find its module's keys and
     every key in the file a parameter; ranks must match the plan's rules.
     """
-    from safetensors.numpy import load_file
-
     cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
             raise ReparamError(f"{p} does not exist: a PEFT adapter directory holds {CONFIG_NAME} and "
                                f"{WEIGHTS_NAME} (PEFT's save_pretrained, safetensors format).")
-    with open(cfg_path) as fh:
-        cfg = json.load(fh)
-    tensors = load_file(w_path)
+    cfg = _read_config(cfg_path)
+    tensors = _read_tensors(w_path)
     entries = _entries(plan, frozen, module_map)
     peft_type = cfg.get("peft_type")
     use_dora = bool(cfg.get("use_dora", False))
