@@ -272,6 +272,17 @@ class Plan:
         return self.summary()
 
 
+def _check_trainable_dtype(trainable_dtype) -> None:
+    """``trainable_dtype`` must be a floating dtype or ``None``: trainables are what the optimizer moves."""
+    try:
+        ok = trainable_dtype is None or jnp.issubdtype(jnp.dtype(trainable_dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ReparamError(f"plan: trainable_dtype={trainable_dtype!r} must be a floating dtype (e.g. "
+                           "trainable_dtype=jnp.float32 or jnp.bfloat16), or None to keep each transform's dtype.")
+
+
 def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
          trainable_dtype=jnp.float32, model=None, example: Sequence = (),
          stacked: Optional[str] = None) -> Plan:
@@ -296,6 +307,7 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
     ``lax.scan`` over ``[layers, ...]`` kernels), declared once for every rule instead of
     ``rp.on_axes(t, batch_axes=(0,))`` per rule: each layer gets its own adapter.
     """
+    _check_trainable_dtype(trainable_dtype)
     for i, r in enumerate(rules):
         if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], Reparam)):
             raise ReparamError(f"rule {i} must be a (regex, transform) pair like "
@@ -325,6 +337,11 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             raise ReparamError(f"parameter '{p}' {shape}, rule {hit} ({rules[hit][0]!r} -> {t.name}): "
                                "a matrix transform needs a kernel with >= 2 dims; narrow the regex "
                                "(e.g. end it in '/kernel') or use rp.full() for biases and scales.")
+        if t.ident.method != "frozen" and not jnp.issubdtype(dtype, jnp.floating):
+            raise _wrap_error(Leaf(p, shape, dtype, hit, t, None), rules, ReparamError(
+                f"{t.name} trains a floating-point weight, and this leaf is {np.dtype(dtype).name} (an integer "
+                "or boolean leaf has no gradient); exclude it from the rule (narrow the regex, e.g. end it in "
+                "'/kernel'), or give the plan float params."))
         whole = t.ident.method == "full"           # trains the leaf as is, whatever its rank: no matrix view
         if stacked is not None and not whole and re.fullmatch(stacked, p) and not (t.axes and t.axes.batch):
             t = t._replace(axes=views.Axes((0,), *(t.axes[1:] if t.axes else (None, None))))
