@@ -116,6 +116,36 @@ def _check_tree(plan: Plan, which: str, tree: PyTree) -> None:
                            + (f"; and {len(problems) - 6} more parameters" if len(problems) > 6 else "") + f". {fix}")
 
 
+def flat_diff(saved: dict, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``"key: saved X, now Y"`` for every entry of two nested JSON dicts that differs (dotted keys; keys whose
+    last part is in ``ignore`` skipped)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(saved), flat(now)
+    return [f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k.split(".")[-1] not in set(ignore) and a.get(k) != b.get(k)]
+
+
+def fingerprint_diff(saved: dict, now: dict) -> list[str]:
+    """What differs between two :meth:`Plan.fingerprint` s, per adapted parameter: ``"'q/kernel'
+    transform.hparams.alpha: saved 16, now 8"``, or a parameter adapted by only one. The rules' regexes are
+    not compared: two plans that adapt the same leaves alike are the same plan."""
+    out = [] if saved.get("trainable_dtype") == now.get("trainable_dtype") else \
+        [f"trainable_dtype: saved {saved.get('trainable_dtype')!r}, now {now.get('trainable_dtype')!r}"]
+    a, b = saved.get("leaves", {}), now.get("leaves", {})
+    for p in sorted(set(a) | set(b)):
+        if p not in b or p not in a:
+            t = (a.get(p) or b.get(p))["transform"]
+            out.append(f"'{p}': saved {'adapted by ' + repr(t['method']) if p in a else 'not adapted'}, "
+                       f"now {'adapted by ' + repr(t['method']) if p in b else 'not adapted'}")
+        else:
+            out += [f"'{p}' {d}" for d in flat_diff(a[p], b[p])]
+    return out
+
+
 def _owners(leaves: Sequence[Leaf]) -> dict[int, int]:
     """``{rule: index of its first leaf}`` for rules whose transform has shared trainables."""
     owners: dict[int, int] = {}
@@ -269,6 +299,18 @@ class Plan:
         """Sum of the regularisers the transforms define (e.g. SORSA); 0.0 when none do."""
         return sum((leaf.transform.penalty(f, tr, **kw) for _, leaf, f, tr, kw in self._entries(frozen, trainable)
                     if leaf.transform is not None and leaf.transform.penalty is not None), jnp.float32(0))
+
+    # --- fingerprint ------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What this plan trains, JSON-able: its rules, and for each adapted leaf its transform's identity and
+        hyperparameters (:meth:`reparam.core.Ident.fields`), shape, dtype and trainable entries. Saved with
+        checkpoints (:mod:`reparam.checkpoint`) and PEFT exports; :func:`fingerprint_diff` compares two."""
+        return {"format": 1, "rules": [{"regex": r, "transform": t.ident.fields()} for r, t in self.rules],
+                "trainable_dtype": None if self.trainable_dtype is None else jnp.dtype(self.trainable_dtype).name,
+                "leaves": {leaf.path: {"transform": leaf.transform.ident.fields(), "shape": list(leaf.shape),
+                                       "dtype": np.dtype(leaf.dtype).name,
+                                       **({} if a is None else {"trainable": {k: _sig(x) for k, x in a.items()}})}
+                           for leaf, a in zip(self.leaves, self.abstract("trainable")) if leaf.rule is not None}}
 
     # --- inspection -------------------------------------------------------------------------
     def adapted(self) -> list[str]:
