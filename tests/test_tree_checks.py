@@ -137,3 +137,33 @@ def test_trees_of_other_params_are_refused(change, message):
     plan, _, frozen, trainable = _two(rp.lora(2))
     with pytest.raises(rp.ReparamError, match=message + r".*Pass the trainable tree that this plan's init returned"):
         plan.apply(frozen, change(trainable))
+
+
+SUPPORTS = [("out of range", [0, 5, 48], r"support index 48 \(1 of 3 out of range\) is not an entry of a 8x6 weight: "
+                                         r"flat indices row \* d_out \+ col must be in \[0, 48\)"),
+            ("negative", [-1, 3], r"support index -1 \(1 of 2 out of range\)"),
+            ("repeated", [3, 7, 3], r"support indices repeat \(\[3\]\)"),
+            ("float", [0.0, 1.5], r"the support must be a 1-D array of integer flat indices .* got float32\[2\]"),
+            ("2-D", [[0, 1], [2, 3]], r"the support must be a 1-D array of integer flat indices .* got int32\[2, 2\]")]
+
+
+@pytest.mark.parametrize("case, idx, message", SUPPORTS, ids=[c[0] for c in SUPPORTS])
+@pytest.mark.parametrize("form", ["plain", "in_basis", "stacked"])
+def test_a_support_given_as_data_is_checked_when_the_plan_is_made(case, idx, message, form):
+    """A sparse support from a list or a file (``sparse.from_support``) that names no entry of the weight is an
+    error at rp.plan naming the path, the rule and the fix, not silent training of an entry that does not exist."""
+    t = rp.sparse.from_support("given", lambda key, w, calib: jnp.asarray(idx))
+    params = {"a": {"kernel": jnp.ones((3, 8, 6) if form == "stacked" else (8, 6))}}
+    t = {"plain": t, "in_basis": rp.in_basis(rp.dct_basis(), t), "stacked": rp.on_axes(t, batch_axes=(0,))}[form]
+    with pytest.raises(rp.ReparamError, match=r"parameter 'a/kernel' .*, rule 0 \('a/kernel' -> .*\): given: "
+                                              + message + r".*fix the indices .* or narrow the rule's regex"):
+        rp.plan([("a/kernel", t)], params)
+
+
+def test_a_valid_support_trains_exactly_its_entries():
+    params = {"a": {"kernel": jnp.zeros((8, 6))}}
+    plan = rp.plan([("a/kernel", rp.sparse.from_support("given", lambda key, w, calib: jnp.asarray([47, 0, 13])))],
+                   params)
+    frozen, trainable = plan.init(jax.random.key(0), params)
+    w = plan.apply(frozen, {"a": {"kernel": {"values": jnp.array([1.0, 2.0, 3.0])}}})["a"]["kernel"].reshape(-1)
+    assert [int(i) for i in jnp.nonzero(w)[0]] == [0, 13, 47] and float(w[47]) == 3.0
