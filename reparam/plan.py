@@ -247,7 +247,8 @@ class Plan:
         ``plan.init`` gives them: the trees of another plan (another method, rank or rule), an entry too many or
         too few. Pure Python on shapes: under ``jit`` it runs once, at trace time (:meth:`apply`, :meth:`merge`
         and the train step call it). Data-driven leaves (CorDA, EVA), whose shapes the calibration data decide,
-        are checked for their place in the tree only."""
+        are checked for their place in the tree only. Trees alike in every shape (a LoRA's and a PiSSA's of one
+        rank) pass: a checkpoint's :meth:`fingerprint` tells those apart."""
         for which, tree in (("frozen", frozen), ("trainable", trainable)):
             if tree is not None:
                 _check_tree(self, which, tree)
