@@ -226,16 +226,19 @@ def history() -> dict[str, list]:
 
 
 def resume_phase(mgr, state: rp.train.TrainState, name: str, steps: int, config: ml_collections.ConfigDict,
-                 log_path: str, split: str = "test") -> tuple[rp.train.TrainState, int, dict]:
+                 log_path: str, split: str = "test", plan: Optional[rp.Plan] = None
+                 ) -> tuple[rp.train.TrainState, int, dict]:
     """``(state, start step, history)`` of phase ``name`` resumed from its latest checkpoint in ``mgr``.
 
     ``state`` itself and step 0 when there is none (or ``mgr`` is ``None``). Drops the phase's records
     after the start step from ``log_path``; those up to it are the history (without step times; the
     accuracies are the records' ``<split>_acc``).
-    Raises ``rp.checkpoint``'s ReparamError if the checkpoint was written under another config.
+    Raises ``rp.checkpoint``'s ReparamError if the checkpoint was written under another config, or by another
+    ``plan`` than the one given.
     """
     start = 0
-    restored = rp.checkpoint.restore(mgr, like=state, config=config, ignore=RESUME_IGNORES) if mgr else None
+    restored = rp.checkpoint.restore(mgr, like=state, config=config, plan=plan, ignore=RESUME_IGNORES) \
+        if mgr else None
     if restored is not None:
         state, start = restored, int(restored.step)
         print(f"[{name}] resumed from its checkpoint at step {start} of {steps}", flush=True)
@@ -277,7 +280,7 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
     mgr = rp.checkpoint.manager(checkpoint_dir(config, name), max_to_keep=config.get("keep_checkpoints", 3)) \
         if every else None
     try:
-        state, start, h = resume_phase(mgr, state, name, steps, config, log_path, split) \
+        state, start, h = resume_phase(mgr, state, name, steps, config, log_path, split, plan) \
             if config.get("resume", False) \
             else (state, 0, history())
         it = batches(start) if callable(batches) else itertools.islice(batches, start, None)
@@ -315,7 +318,7 @@ def train(name: str, plan: rp.Plan, frozen, trainable, loss_fn: Callable, metric
             h["loss"].append(rec["loss"])
             report.append_jsonl(log_path, [rec])        # before the checkpoint: a restored step has its record
             if mgr is not None and (i % every == 0 or i == steps):
-                rp.checkpoint.save(mgr, state, config)
+                rp.checkpoint.save(mgr, state, config, plan=plan)
     finally:
         if mgr is not None:
             mgr.close()
@@ -391,7 +394,7 @@ def pretrain(config, model, source, loss_fn, metrics_fn, log_path) -> tuple[dict
         mgr = rp.checkpoint.manager(checkpoint_dir(config, "pretrain"))
         like = rp.train.init_state(trainable, optimizer(config, config.pretrain_lr), jax.random.key(config.seed))
         try:
-            state = rp.checkpoint.restore(mgr, like=like, config=config, ignore=RESUME_IGNORES)   # config-checked
+            state = rp.checkpoint.restore(mgr, like=like, config=config, plan=plan, ignore=RESUME_IGNORES)  # checked
         finally:
             mgr.close()
         done = finished(config, "pretrain")

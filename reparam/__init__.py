@@ -6,7 +6,8 @@ The public API, as a table of contents:
   structure   ΔW in factored form, a protocol: LowRank, Kron, Sparse, Sum, InBasis, Scaled (dense, matvec,
               costs, pullback from (x, g)); right-multiplicative W = (W0 + inner)·R
   views       on_axes(): matrix view of >2-D kernels and stacked layers; derive(): views from the model's contractions
-  plan        plan(rules, params, model=, stacked=) -> Plan with init / apply / merge / penalty / summary
+  plan        plan(rules, params, model=, stacked=) -> Plan with init / apply / merge / penalty / summary;
+              check (trees against the plan, at trace time), fingerprint (saved with checkpoints and exports)
   lowrank     lora (rsLoRA), dora, lora_xs (LoRA-XS, LoRA-SB), dylora
   svd         pissa (exact / randomized SVD), milora, svfit, sorsa, corda, eva (+ eva_allocate)
   wavelet     bases wavelet_basis (periodized Haar/db2-4, multi-level), dct_basis, fourier_basis;
@@ -24,7 +25,7 @@ The public API, as a table of contents:
               use_huge_pages (CPU: 2 MiB pages for XLA's per-step temporaries)
   sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
               put, shard_batch, global_batch, initialize (jax.distributed), make_train_step
-  checkpoint  orbax manager, save, restore (config-checked, reshards onto `like`)
+  checkpoint  orbax manager, save, restore (config- and plan-checked, damaged files named, reshards onto `like`)
   interop     peft.export / peft.load: Hugging Face PEFT adapter directories (LoRA, rsLoRA, DoRA, PiSSA, VeRA, LoKr)
 """
 from reparam import (checkpoint, compose, interop, kronecker, matmul, random_basis, route, sharding, sparse, structure,

@@ -96,6 +96,21 @@ class Ident(str):
         self.method, self.hparams = method, hp
         return self
 
+    def fields(self) -> dict:
+        """``{"method": ..., "hparams": {...}}``, JSON-able: nested identities (``add``'s parts, ``in_basis``'s
+        inner) as fields too, numpy scalars as numbers, anything else as its text."""
+        def js(v):
+            if isinstance(v, Ident):
+                return v.fields()
+            if isinstance(v, (list, tuple)):
+                return [js(x) for x in v]
+            if isinstance(v, dict):
+                return {str(k): js(x) for k, x in v.items()}
+            if isinstance(v, (np.generic,)):
+                return v.item()
+            return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+        return {"method": self.method, "hparams": js(self.hparams)}
+
 
 # What the common hyperparameters must be, checked once when a constructor names its transform (every
 # constructor does, through Ident): (test, what it must be, an example).

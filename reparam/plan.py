@@ -61,6 +61,91 @@ def _wrap_error(leaf: Leaf, rules, err: Exception) -> ReparamError:
                         f"{rules[leaf.rule][1].name}): {err}")
 
 
+def _sig(x) -> str:
+    """``float32[8, 2]``: an array's (or ShapeDtypeStruct's) dtype and shape."""
+    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    name = str(dtype) if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).name
+    return f"{name}{list(x.shape if hasattr(x, 'shape') else np.shape(x))}"
+
+
+def sig_diff(want: dict, got: dict) -> list[str]:
+    """What differs between two flat ``{entry: array or ShapeDtypeStruct}``: ``"'A': expected float32[8, 2], got
+    float32[8, 4]"``, ``"unexpected entry 'C' ..."`` (in ``got`` only), ``"missing 'B' ..."`` (in ``want`` only)."""
+    return ([f"'{k}': expected {_sig(w)}, got {_sig(got[k])}" for k, w in want.items()
+             if k in got and _sig(got[k]) != _sig(w)]
+            + [f"unexpected entry '{k}' {_sig(x)}" if k else f"a bare {_sig(x)} in place of the entries"
+               for k, x in got.items() if k not in want]
+            + [f"missing '{k}' {_sig(x)}" for k, x in want.items() if k not in got])
+
+
+def _where(plan: Plan, leaf: Leaf) -> str:
+    if leaf.rule is None:
+        return f"parameter '{leaf.path}', not adapted by any rule"
+    return f"parameter '{leaf.path}', rule {leaf.rule} ({plan.rules[leaf.rule][0]!r} -> {plan.rules[leaf.rule][1].name})"
+
+
+def _check_tree(plan: Plan, which: str, tree: PyTree) -> None:
+    """:meth:`Plan.check` of one tree: the params' structure, then each leaf's entries against ``plan.abstract``."""
+    fix = (f"Pass the {which} tree that this plan's init returned (plan.init(key, params)); trees, checkpoints or "
+           "adapters of another plan (method, rank, rules) do not fit it.")
+    want = plan.abstract(which)
+    try:
+        parts = plan.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        index = {leaf.path: i for i, leaf in enumerate(plan.leaves)}
+
+        def leaf_of(p):         # the plan leaf an entry lies under (nnx's '.value' may follow its path), or None
+            while p and p not in index:
+                p = p.rpartition("/")[0]
+            return index.get(p)
+        paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        stray = [p for p in paths if leaf_of(p) is None]
+        under = {leaf_of(p) for p in paths}
+        absent = [leaf.path for i, leaf in enumerate(plan.leaves) if i not in under and want[i] != {}]
+        raise ReparamError(f"{which} does not have the structure of this plan's params: entries under no parameter "
+                           f"of the plan: {stray[:5]}; parameters with no entries: {absent[:5]} "
+                           f"({str(e).splitlines()[0][:200]}). {fix}") from None
+    problems = []
+    for leaf, w, part in zip(plan.leaves, want, parts):
+        msgs = [] if w is None else sig_diff(w, {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(part)[0]})
+        if msgs:
+            problems.append(f"{_where(plan, leaf)}: " + ", ".join(msgs[:4])
+                            + (f" (and {len(msgs) - 4} more)" if len(msgs) > 4 else ""))
+    if problems:
+        raise ReparamError(f"{which} does not fit this plan: " + "; ".join(problems[:6])
+                           + (f"; and {len(problems) - 6} more parameters" if len(problems) > 6 else "") + f". {fix}")
+
+
+def flat_diff(saved: dict, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``"key: saved X, now Y"`` for every entry of two nested JSON dicts that differs (dotted keys; keys whose
+    last part is in ``ignore`` skipped)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(saved), flat(now)
+    return [f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k.split(".")[-1] not in set(ignore) and a.get(k) != b.get(k)]
+
+
+def fingerprint_diff(saved: dict, now: dict) -> list[str]:
+    """What differs between two :meth:`Plan.fingerprint` s, per adapted parameter: ``"'q/kernel'
+    transform.hparams.alpha: saved 16, now 8"``, or a parameter adapted by only one. The rules' regexes are
+    not compared: two plans that adapt the same leaves alike are the same plan."""
+    out = [] if saved.get("trainable_dtype") == now.get("trainable_dtype") else \
+        [f"trainable_dtype: saved {saved.get('trainable_dtype')!r}, now {now.get('trainable_dtype')!r}"]
+    a, b = saved.get("leaves", {}), now.get("leaves", {})
+    for p in sorted(set(a) | set(b)):
+        if p not in b or p not in a:
+            t = (a.get(p) or b.get(p))["transform"]
+            out.append(f"'{p}': saved {'adapted by ' + repr(t['method']) if p in a else 'not adapted'}, "
+                       f"now {'adapted by ' + repr(t['method']) if p in b else 'not adapted'}")
+        else:
+            out += [f"'{p}' {d}" for d in flat_diff(a[p], b[p])]
+    return out
+
+
 def _owners(leaves: Sequence[Leaf]) -> dict[int, int]:
     """``{rule: index of its first leaf}`` for rules whose transform has shared trainables."""
     owners: dict[int, int] = {}
@@ -122,10 +207,14 @@ class Plan:
             trainable.append(tr)
         return self.treedef.unflatten(frozen), self.treedef.unflatten(trainable)
 
+    def _cast_dtype(self, dtype):
+        """The dtype of a trainable that ``init`` produced as ``dtype``: floats in ``trainable_dtype``."""
+        floating = self.trainable_dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+        return jnp.dtype(self.trainable_dtype if floating else dtype)
+
     def _cast(self, x):
         """A fresh buffer (train steps donate trainables; never the caller's params), in the trainable dtype."""
-        floating = self.trainable_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
-        return jnp.array(x, dtype=self.trainable_dtype if floating else x.dtype, copy=True)
+        return jnp.array(x, dtype=self._cast_dtype(x.dtype), copy=True)
 
     def _owners(self) -> dict[int, int]:
         return _owners(self.leaves)
@@ -142,6 +231,41 @@ class Plan:
                 out.append((tr, {}))
         return out
 
+    # --- the trees' shapes, checked at trace time ------------------------------------------------
+    def abstract(self, which: str) -> list[Optional[dict]]:
+        """Per leaf, ``{entry: ShapeDtypeStruct}`` of its ``which`` (``"frozen"`` or ``"trainable"``) dict as
+        ``plan.init`` makes it (entries '/'-joined, trainables in ``trainable_dtype``); ``None`` for a
+        data-driven leaf, whose shapes the calibration data decide."""
+        out = []
+        for leaf, s in zip(self.leaves, self._shapes):
+            if leaf.transform is None:
+                s = ({"base": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)}, {})
+            if s is None:
+                out.append(None)
+                continue
+            tree = s[0] if which == "frozen" else jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, self._cast_dtype(x.dtype)), s[1])
+            out.append({path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]})
+        return out
+
+    def check(self, frozen: Optional[PyTree] = None, trainable: Optional[PyTree] = None) -> None:
+        """Raises a :class:`ReparamError` unless ``frozen`` / ``trainable`` have the entries, shapes and dtypes
+        ``plan.init`` gives them: the trees of another plan (another method, rank or rule), an entry too many or
+        too few. Pure Python on shapes: under ``jit`` it runs once, at trace time (:meth:`apply`, :meth:`merge`
+        and the train step call it). Data-driven leaves (CorDA, EVA), whose shapes the calibration data decide,
+        are checked for their place in the tree only. Trees alike in every shape (a LoRA's and a PiSSA's of one
+        rank) pass: a checkpoint's :meth:`fingerprint` tells those apart."""
+        for which, tree in (("frozen", frozen), ("trainable", trainable)):
+            if tree is not None:
+                _check_tree(self, which, tree)
+
+    def _entries(self, frozen: PyTree, trainable: PyTree) -> list:
+        """``[(i, leaf, frozen entry, trainable entry, kwargs)]`` once both trees are checked (:meth:`check`)."""
+        self.check(frozen, trainable)
+        fl = self.treedef.flatten_up_to(frozen)
+        return [(i, leaf, f, tr, kw) for i, (leaf, f, (tr, kw)) in
+                enumerate(zip(self.leaves, fl, self._per_leaf(trainable)))]
+
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
         return self.treedef.unflatten(self.leaf_values(frozen, trainable, rng))
@@ -149,9 +273,8 @@ class Plan:
     def leaf_values(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None,
                     skip: Sequence[int] = ()) -> list:
         """The effective weight of each leaf (as :meth:`apply`, flat), ``None`` at the indices in ``skip``."""
-        fl = self.treedef.flatten_up_to(frozen)
         out = []
-        for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
+        for i, leaf, f, tr, kw in self._entries(frozen, trainable):
             t = leaf.transform
             out.append(None if i in skip else f["base"] if t is None else t.apply(f, tr, **self._kw(t, kw, rng, i)))
         return out
@@ -166,9 +289,8 @@ class Plan:
         """Per leaf, ``(base, s)`` where its transform declares a ΔW structure (:mod:`reparam.structure`):
         the frozen base as its ``[*stacked, d_in, d_out]`` matrix view and the structure (batched over
         stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes."""
-        fl = self.treedef.flatten_up_to(frozen)
         out = []
-        for i, (leaf, f, (tr, kw)) in enumerate(zip(self.leaves, fl, self._per_leaf(trainable))):
+        for i, leaf, f, tr, kw in self._entries(frozen, trainable):
             t = leaf.transform
             if t is None or t.structure is None or leaf.view is None:
                 out.append(None)
@@ -182,10 +304,20 @@ class Plan:
 
     def penalty(self, frozen: PyTree, trainable: PyTree):
         """Sum of the regularisers the transforms define (e.g. SORSA); 0.0 when none do."""
-        fl = self.treedef.flatten_up_to(frozen)
-        return sum((leaf.transform.penalty(f, tr, **kw) for leaf, f, (tr, kw) in
-                    zip(self.leaves, fl, self._per_leaf(trainable))
+        return sum((leaf.transform.penalty(f, tr, **kw) for _, leaf, f, tr, kw in self._entries(frozen, trainable)
                     if leaf.transform is not None and leaf.transform.penalty is not None), jnp.float32(0))
+
+    # --- fingerprint ------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What this plan trains, JSON-able: its rules, and for each adapted leaf its transform's identity and
+        hyperparameters (:meth:`reparam.core.Ident.fields`), shape, dtype and trainable entries. Saved with
+        checkpoints (:mod:`reparam.checkpoint`) and PEFT exports; :func:`fingerprint_diff` compares two."""
+        return {"format": 1, "rules": [{"regex": r, "transform": t.ident.fields()} for r, t in self.rules],
+                "trainable_dtype": None if self.trainable_dtype is None else jnp.dtype(self.trainable_dtype).name,
+                "leaves": {leaf.path: {"transform": leaf.transform.ident.fields(), "shape": list(leaf.shape),
+                                       "dtype": np.dtype(leaf.dtype).name,
+                                       **({} if a is None else {"trainable": {k: _sig(x) for k, x in a.items()}})}
+                           for leaf, a in zip(self.leaves, self.abstract("trainable")) if leaf.rule is not None}}
 
     # --- inspection -------------------------------------------------------------------------
     def adapted(self) -> list[str]:
@@ -278,6 +410,17 @@ class Plan:
         return self.summary()
 
 
+def _check_trainable_dtype(trainable_dtype) -> None:
+    """``trainable_dtype`` must be a floating dtype or ``None``: trainables are what the optimizer moves."""
+    try:
+        ok = trainable_dtype is None or jnp.issubdtype(jnp.dtype(trainable_dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ReparamError(f"plan: trainable_dtype={trainable_dtype!r} must be a floating dtype (e.g. "
+                           "trainable_dtype=jnp.float32 or jnp.bfloat16), or None to keep each transform's dtype.")
+
+
 def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
          trainable_dtype=jnp.float32, model=None, example: Sequence = (),
          stacked: Optional[str] = None) -> Plan:
@@ -302,6 +445,7 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
     ``lax.scan`` over ``[layers, ...]`` kernels), declared once for every rule instead of
     ``rp.on_axes(t, batch_axes=(0,))`` per rule: each layer gets its own adapter.
     """
+    _check_trainable_dtype(trainable_dtype)
     for i, r in enumerate(rules):
         if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], Reparam)):
             raise ReparamError(f"rule {i} must be a (regex, transform) pair like "
@@ -331,6 +475,11 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             raise ReparamError(f"parameter '{p}' {shape}, rule {hit} ({rules[hit][0]!r} -> {t.name}): "
                                "a matrix transform needs a kernel with >= 2 dims; narrow the regex "
                                "(e.g. end it in '/kernel') or use rp.full() for biases and scales.")
+        if t.ident.method != "frozen" and not jnp.issubdtype(dtype, jnp.floating):
+            raise _wrap_error(Leaf(p, shape, dtype, hit, t, None), rules, ReparamError(
+                f"{t.name} trains a floating-point weight, and this leaf is {np.dtype(dtype).name} (an integer "
+                "or boolean leaf has no gradient); exclude it from the rule (narrow the regex, e.g. end it in "
+                "'/kernel'), or give the plan float params."))
         whole = t.ident.method == "full"           # trains the leaf as is, whatever its rank: no matrix view
         if stacked is not None and not whole and re.fullmatch(stacked, p) and not (t.axes and t.axes.batch):
             t = t._replace(axes=views.Axes((0,), *(t.axes[1:] if t.axes else (None, None))))

@@ -48,10 +48,38 @@ def support_size(shape: tuple[int, ...], method: str, *, k: Optional[int] = None
     return _count(shape[-2] * shape[-1], f"entries of a {shape[-2]}x{shape[-1]} weight", method, k, density)
 
 
+def check_support(idx, shape: tuple[int, ...], method: str) -> None:
+    """Raises a :class:`ReparamError` unless ``idx`` is a 1-D array of distinct integer flat indices
+    ``row * d_out + col`` into a ``[d_in, d_out]`` weight: an index out of range would train an entry that does
+    not exist (XLA drops or clamps it silently), a repeated one an entry twice."""
+    d_in, d_out = shape[-2:]
+    n, idx = d_in * d_out, np.asarray(idx)
+    fix = "fix the indices (a support meant for another weight?), or narrow the rule's regex to the weights it fits"
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ReparamError(f"{method}: the support must be a 1-D array of integer flat indices (row * d_out + col), "
+                           f"got {idx.dtype.name}{list(idx.shape)}; {fix}.")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:
+        raise ReparamError(f"{method}: support index {int(bad[0])} ({bad.size} of {idx.size} out of range) is not "
+                           f"an entry of a {d_in}x{d_out} weight: flat indices row * d_out + col must be in "
+                           f"[0, {n}); {fix}.")
+    uniq, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        raise ReparamError(f"{method}: support indices repeat ({uniq[counts > 1][:5].tolist()}); each entry may be "
+                           f"trained once: {fix}.")
+
+
 def from_support(name: str, choose, scale: float = 1.0, **fields) -> Reparam:
-    """A sparse transform from ``choose(key, w, calib) -> idx`` (sorted unique flat indices); values start at 0."""
+    """A sparse transform from ``choose(key, w, calib) -> idx`` (unique flat indices); values start at 0.
+
+    A support that is data rather than computed from ``w`` (a list, a file's indices) is checked with
+    :func:`check_support` when the plan is made, before any training."""
     def init_fn(key, w, calib=None):
-        idx = jnp.sort(choose(key, w, calib)).astype(jnp.int32)
+        with jax.ensure_compile_time_eval():    # a support given as data stays concrete under rp.plan's tracing
+            idx = choose(key, w, calib)
+        if not isinstance(idx, jax.core.Tracer):
+            check_support(idx, w.shape, name)
+        idx = jnp.sort(idx).astype(jnp.int32)
         return {"base": w, "idx": idx}, {"values": jnp.zeros(idx.shape, jnp.float32)}
     return additive(name, init_fn, structure=lambda f, t: Sparse(f["idx"], scale * t["values"], f["base"].shape[-1]),
                     **fields)

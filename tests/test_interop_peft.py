@@ -23,6 +23,7 @@ import reparam as rp
 from reparam import kronecker as kr
 from reparam import random_basis as rb
 from reparam.interop import peft as rpeft
+from reparam.plan import fingerprint_diff
 
 pytestmark = pytest.mark.peft
 
@@ -119,7 +120,9 @@ def test_export_loads_in_peft(case, tmp_path):
     plan, frozen, trainable0 = _plan(EXPORT_CASES[case])
     trainable = perturb(trainable0, 2, 0.3)
     config = rpeft.export(plan, frozen, trainable, str(tmp_path), initial=trainable0)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "reparam_plan.json"]
+    with open(tmp_path / "reparam_plan.json") as fh:       # the exporting plan, beside what PEFT reads
+        assert fingerprint_diff(json.load(fh), plan.fingerprint()) == []
     assert config["target_modules"] == MODULES
     model = PeftModel.from_pretrained(_torch_net(), str(tmp_path)).eval()
     _compare(f"export {case}", _ours(plan, frozen, trainable), _torch(model))

@@ -8,7 +8,9 @@
     trainable = rpeft.load(plan, frozen, "out/adapter")         # a PEFT adapter -> our trainables
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (written with
-``safetensors.numpy``), with the key names of PEFT's ``save_pretrained``:
+``safetensors.numpy``; an export adds ``reparam_plan.json``, the exporting plan's
+:meth:`~reparam.Plan.fingerprint`, which PEFT ignores and :func:`load` does not need: the
+config and keys are checked one by one, and alpha is reconciled), with the key names of PEFT's ``save_pretrained``:
 ``base_model.model.<module>.lora_A.weight`` and so on. ``module_map`` names the torch module of
 each adapted param path: a dict, a function, or ``None`` for :func:`default_module_name`
 (``"params/enc/l0/kernel"`` -> ``"enc.l0"``). Our kernels are ``[d_in, d_out]`` and torch's
@@ -60,6 +62,7 @@ PyTree = Any
 ModuleMap = Union[None, Mapping[str, str], Callable[[str], str]]
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PLAN_NAME = "reparam_plan.json"     # the exporting plan's fingerprint; PEFT reads only the two files above
 PREFIX = "base_model.model."
 LOKR_NAMES = {"A": "lokr_w1", "A1": "lokr_w1_b", "A2": "lokr_w1_a",     # ours -> PEFT (each transposed)
               "B": "lokr_w2", "B1": "lokr_w2_b", "B2": "lokr_w2_a"}
@@ -433,11 +436,14 @@ def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_ma
         tensors = _export_lokr(entries, trs, config)
     os.makedirs(directory, exist_ok=True)
 
-    def write_config(tmp):
-        with open(tmp, "x") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
+    def write_json(obj, indent):
+        def write(tmp):
+            with open(tmp, "x") as fh:
+                json.dump(obj, fh, indent=indent, sort_keys=True)
+        return write
     _write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
+    _write_atomic(os.path.join(directory, CONFIG_NAME), write_json(config, 2))
+    _write_atomic(os.path.join(directory, PLAN_NAME), write_json(plan.fingerprint(), 1))
     return config
 
 
