@@ -120,7 +120,7 @@ def test_a_damaged_weights_file_names_its_path(adapter, damage, message):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("name", [rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME])
+@pytest.mark.parametrize("name", [rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME, rpeft.PLAN_NAME])
 def test_export_replaces_a_symlink_instead_of_writing_through_it(adapter, tmp_path, name):
     plan, frozen, trainable, directory = adapter
     outside = tmp_path / "outside.txt"
@@ -147,4 +147,4 @@ def test_export_is_atomic(adapter, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         rpeft.export(plan, frozen, jax.tree_util.tree_map(jnp.zeros_like, trainable), str(directory))
     assert (directory / rpeft.CONFIG_NAME).read_bytes() == before
-    assert sorted(os.listdir(directory)) == sorted([rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME])
+    assert sorted(os.listdir(directory)) == sorted([rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME, rpeft.PLAN_NAME])
