@@ -25,10 +25,11 @@ Claims (the paper's figure is what its abstract / main table reports, on its own
   channels) mask with exactly LoRA r=8's count per kernel, lr 1e-3, vs LoRA r=8.
 
 Verdicts from the paired differences d (arm minus baseline, signed so that d > 0 is what the paper claims;
-accuracy in points, loss as baseline minus arm), mean m and standard error se over the seeds:
-"holds" when m > 0 and m - 2 se > -tol; "does not hold" when m + 2 se < 0; else "inconclusive at this
-scale". For the "reaches" claim (VeRA) the test is non-inferiority: holds when m - 2 se > -tol.
-tol: 1 accuracy point, 0.01 loss.
+accuracy in points, loss as baseline minus arm), mean m and standard error se over the seeds, tol = 1 accuracy
+point / 0.01 loss. A claim that the arm is better (PiSSA, rsLoRA): "holds" when m - 2 se > 0, "does not hold"
+when m + 2 se <= 0, else "inconclusive". A claim that the arm is at least as good (VeRA "reaches", DoRA >=,
+sparse >=): "holds" when m - 2 se > -tol (not worse by more than tol; "a tie" added when m - 2 se <= 0, i.e.
+no gain shown), "does not hold" when m + 2 se < -tol, else "inconclusive".
 """
 from __future__ import annotations
 
@@ -79,14 +80,15 @@ CLAIMS = {
     "pissa": ("PiSSA converges faster than LoRA (same rank and lr)", "faster convergence; GSM8K 72.9 vs 67.4 "
               "(Mistral-7B)", "pissa_3e-4", "lora_3e-4", "loss", "better"),
     "vera": ("VeRA reaches LoRA's accuracy with ~10x fewer parameters", "GLUE on par with LoRA, 10x fewer "
-             "params", "vera", "lora", "acc", "reaches"),
-    "dora": ("DoRA >= LoRA", "+3.7 / +1.0 points commonsense (LLaMA-7B/13B)", "dora", "lora", "acc", "better"),
+             "params", "vera", "lora", "acc", "at least"),
+    "dora": ("DoRA >= LoRA", "+3.7 / +1.0 points commonsense (LLaMA-7B/13B)", "dora", "lora", "acc",
+             "at least"),
     "rslora": ("rsLoRA beats LoRA at high rank (r=64)", "LoRA stalls at high rank, rsLoRA keeps learning",
                "rslora64", "lora64", "loss", "better"),
     "sparse": ("random sparse >= LoRA at equal budget", "sparse FT matches or beats LoRA (SpIEL, SHiRA)",
-               "sparse_eq", "lora", "acc", "better"),
+               "sparse_eq", "lora", "acc", "at least"),
     "s2ft": ("S²FT >= LoRA at equal budget", "beats LoRA on commonsense reasoning (S²FT)", "s2ft_eq", "lora",
-             "acc", "better"),
+             "acc", "at least"),
 }
 TOL = {"acc": 1.0, "loss": 0.01}
 
@@ -133,16 +135,17 @@ def run_arm(name: str, seed: int, args, cache: dict) -> dict:
 
 
 def verdict(d: list[float], metric: str, kind: str) -> tuple[float, float, str]:
-    """(mean, standard error, verdict) of paired differences ``d`` (d > 0: as the paper claims)."""
+    """(mean, standard error, verdict) of paired differences ``d`` (d > 0: as the paper claims); ``kind``
+    "better" (the arm beats the baseline) or "at least" (it is not worse by more than ``TOL[metric]``)."""
     n = len(d)
     m = sum(d) / n
     se = (math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) / math.sqrt(n)) if n > 1 else float("inf")
-    tol = TOL[metric]
-    if kind == "reaches":
-        v = "holds" if m - 2 * se > -tol else ("does not hold" if m + 2 * se < -tol else "inconclusive")
-    else:
-        v = "holds" if m > 0 and m - 2 * se > -tol else ("does not hold" if m + 2 * se < 0 else "inconclusive")
-    return m, se, v
+    lo, hi, tol = m - 2 * se, m + 2 * se, TOL[metric]
+    if kind == "better":
+        return m, se, "holds" if lo > 0 else ("does not hold" if hi <= 0 else "inconclusive")
+    if lo > -tol:
+        return m, se, "holds" if lo > 0 else "holds (a tie)"
+    return m, se, "does not hold" if hi < -tol else "inconclusive"
 
 
 def _ms(xs) -> str:
@@ -174,7 +177,8 @@ def plot(rows: list[dict], runs: dict, path: str) -> None:
         d = np.array(r["diffs"]) / TOL[r["metric"]]
         ax.scatter(d, np.full(len(d), i), color="0.6", s=14, zorder=2)
         ax.errorbar(r["mean"] / TOL[r["metric"]], i, xerr=2 * r["se"] / TOL[r["metric"]], fmt="o",
-                    color={"holds": "tab:green", "does not hold": "tab:red"}.get(r["verdict"], "tab:orange"),
+                    color="tab:red" if r["verdict"] == "does not hold" else
+                    "tab:green" if r["verdict"].startswith("holds") else "tab:orange",
                     capsize=3, zorder=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.axvline(-1, color="k", lw=0.6, ls=":")

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from reparam.core import ReparamError
+from reparam.core import ReparamError, check_confined
 from reparam.plan import Plan, fingerprint_diff, flat_diff, path_str, sig_diff
 from reparam.train import TrainState
 
@@ -131,6 +131,7 @@ def restore(mgr: ocp.CheckpointManager, *, like: TrainState, config: Any, plan: 
     step = mgr.latest_step() if step is None else step
     if step is None:
         return None
+    check_confined(str(mgr.directory), f"checkpoint {mgr.directory} (step {step})")
     diff = config_diff(_read_json(mgr, step, "config"), _jsonable(config), ignore)
     if diff:
         raise ReparamError(f"checkpoint {mgr.directory} (step {step}) was written under another config: "

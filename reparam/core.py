@@ -18,6 +18,7 @@ on one weight. All transforms here see a weight as a matrix ``[d_in, d_out]``
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -250,6 +251,18 @@ def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
         raise ReparamError(f"{method}: rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of a "
                            f"{d_in}x{d_out} weight; use rank <= {min(d_in, d_out)} or exclude this "
                            "weight from the rule.")
+
+
+def check_confined(directory: str, what: str) -> None:
+    """Raises a :class:`ReparamError` when a file or folder under ``directory`` is a symlink that resolves
+    outside it: reading ``what`` (a checkpoint, an adapter) must never read another place's files."""
+    root = os.path.realpath(directory)
+    for d, names, files in os.walk(directory):
+        for n in names + files:
+            p = os.path.join(d, n)
+            if os.path.islink(p) and os.path.commonpath([root, os.path.realpath(p)]) != root:
+                raise ReparamError(f"{what}: {p} is a symlink to {os.path.realpath(p)}, outside {directory}; "
+                                   "nothing is read from outside it. Copy the file in if it belongs there.")
 
 
 def check_finite(x, what: str, fix: str) -> None:

@@ -76,6 +76,12 @@ def resolve(path: str, shape: tuple[int, ...], t: Reparam, rule: str) -> View:
     """The :class:`View` of a kernel at ``path``, from ``t``'s declaration or inferred."""
     decl = t.axes or Axes()
     nd = len(shape)
+    for what, axes in (("batch_axes", decl.batch), ("in_axes", decl.inp), ("out_axes", decl.out)):
+        wrong = [a for a in axes or () if not -nd <= a < nd]
+        if wrong:
+            raise ReparamError(f"parameter '{path}' {shape} (rule {rule!r}): rp.on_axes {what}={tuple(axes)} names "
+                               f"axis {wrong[0]}, but the kernel has {nd} axes ({-nd}..{nd - 1}). Count the axes on "
+                               "the whole kernel, batch axes included.")
     norm = lambda axes: tuple(a % nd for a in axes) if axes is not None else None
     batch = norm(decl.batch)
     inp, out = norm(decl.inp), norm(decl.out)

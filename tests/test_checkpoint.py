@@ -136,3 +136,20 @@ def test_a_damaged_file_is_reported_as_damaged_by_name(tmp_path, name, how):
     with pytest.raises(rp.ReparamError, match=rf"checkpoint {directory}/0 is damaged: .*{shown}.*"
                                               r"Restore an earlier step .* or delete"):
         rp.checkpoint.restore(rp.checkpoint.manager(str(directory)), like=state, config=CONFIG, plan=plan)
+
+
+def test_restore_reads_nothing_outside_the_checkpoint_directory(tmp_path):
+    """A file of the checkpoint replaced by a symlink to a file outside it (here: a config that would match) is
+    refused, naming the link; nothing is restored."""
+    plan, state = _lora_state(rp.lora(2, alpha=4))
+    directory = tmp_path / "ck"
+    mgr = rp.checkpoint.manager(str(directory))
+    rp.checkpoint.save(mgr, state, CONFIG, plan=plan)
+    mgr.close()
+    (path,) = (directory / "0").glob("config/metadata")
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(outside)
+    with pytest.raises(rp.ReparamError, match=rf"{path} is a symlink to {outside}, outside {directory}"):
+        rp.checkpoint.restore(rp.checkpoint.manager(str(directory)), like=state, config=CONFIG, plan=plan)

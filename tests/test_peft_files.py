@@ -148,3 +148,15 @@ def test_export_is_atomic(adapter, monkeypatch):
         rpeft.export(plan, frozen, jax.tree_util.tree_map(jnp.zeros_like, trainable), str(directory))
     assert (directory / rpeft.CONFIG_NAME).read_bytes() == before
     assert sorted(os.listdir(directory)) == sorted([rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME, rpeft.PLAN_NAME])
+
+
+@pytest.mark.parametrize("name", [rpeft.CONFIG_NAME, rpeft.WEIGHTS_NAME])
+def test_load_reads_nothing_outside_the_adapter_directory(adapter, tmp_path, name):
+    """An adapter file that is a symlink to a file elsewhere is refused by load, naming the link."""
+    plan, frozen, trainable, directory = adapter
+    outside = tmp_path / f"elsewhere_{name}"
+    outside.write_bytes((directory / name).read_bytes())
+    (directory / name).unlink()
+    (directory / name).symlink_to(outside)
+    with pytest.raises(rp.ReparamError, match=rf"{directory / name} is a symlink to {outside}, outside"):
+        rpeft.load(plan, frozen, str(directory))

@@ -400,3 +400,13 @@ def test_rule_errors_name_the_rule():
     with pytest.raises(rp.ReparamError, match=r"rule 1 \('a/kernel' -> lora\(r=2\)\) is shadowed: every path it "
                                               r"matches \(\['a/kernel'\]\) is taken by earlier rule\(s\) \[0\]"):
         rp.plan([(r".*/kernel", rp.lora(4)), (r"a/kernel", rp.lora(2))], params)
+
+
+@pytest.mark.parametrize("kw, what, axis", [(dict(in_axes=(0,), out_axes=(4, 5)), "out_axes", 4),
+                                            (dict(in_axes=(3,), out_axes=(1, 2)), "in_axes", 3),
+                                            (dict(batch_axes=(-4,), in_axes=(1,), out_axes=(2,)), "batch_axes", -4)])
+def test_on_axes_naming_an_axis_the_kernel_lacks_is_refused(kw, what, axis):
+    """Axes beyond the kernel's rank were taken modulo the rank (out_axes=(4, 5) on a 3-D kernel meant (1, 2))."""
+    params = {"w": jnp.ones((4, 5, 6))}
+    with pytest.raises(rp.ReparamError, match=rf"'w' \(4, 5, 6\).*{what}=.* names axis {axis}, but the kernel has 3"):
+        rp.plan([("w", rp.on_axes(rp.lora(2), **kw))], params)

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reparam import views
-from reparam.core import Reparam, ReparamError, check_finite
+from reparam.core import Reparam, ReparamError, check_confined, check_finite
 from reparam.random_basis import vera_basis
 from reparam.structure import LowRank
 
@@ -458,6 +458,7 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
     every key in the file a parameter; ranks must match the plan's rules.
     """
     cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    check_confined(directory, "PEFT adapter")
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
             raise ReparamError(f"{p} does not exist: a PEFT adapter directory holds {CONFIG_NAME} and "
