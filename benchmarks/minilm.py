@@ -330,7 +330,7 @@ def plot(rows, path, title="all-MiniLM-L6-v2, batch 32 x 64 tokens, CPU"):
               ("adapter_bytes", "adapter file MB", 2 ** 20)]
     x = np.arange(len(labels))
     fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.5 * len(labels)), 10))
-    for ax, (key, title, div) in zip(axes, panels):
+    for ax, (key, what, div) in zip(axes, panels):
         for off, side, colour in ((-0.2, "reparam", "tab:blue"), (0.2, "peft", "tab:orange")):
             v = values(side, key) / (div or 1)
             ax.bar(x + off, v, 0.4, label="reparam" if side == "reparam" else "PEFT (torch CPU)", color=colour)
@@ -346,7 +346,7 @@ def plot(rows, path, title="all-MiniLM-L6-v2, batch 32 x 64 tokens, CPU"):
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(what, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}: reparam vs PEFT (dotted: each side's LoRA)", fontsize=9)
     fig.tight_layout()
