@@ -5,6 +5,10 @@
     frozen, trainable = plan.init(key, q)           # bases stay quantised in `frozen`
     params_now = plan.apply(frozen, trainable)      # dequantised inside the jitted loss
 
+QPiSSA from full-precision weights: initialise on them, then quantise the frozen bases (the residuals):
+``frozen = quantize(frozen, "nf4", where=r".*kernel/base")``. Given quantised params instead, the plan
+decomposes the dequantised weight and re-quantises the residual in the base's own format (:func:`rebase`).
+
 A :class:`QArray` is a pytree: its children are the arrays (``codes``, ``scales``, optional ``mins``), its
 static aux data the format, block size, block axis and logical dtype; the logical shape is derived from the
 children, so slicing the leading (stacked-layer) axes of every child, ``jax.tree.map(np.stack, ...)`` over
@@ -218,6 +222,15 @@ def requantize(w, like: QArray, path: str = "array") -> QArray:
     """``w`` quantised as ``like`` is: same format, block, axis and double quantisation."""
     return quantize_array(w, like.fmt, block=like.block, axis=like.axis, double_quant=is_quantized(like.scales),
                           path=path)
+
+
+def rebase(frozen: dict, q, w, path: str = "array") -> dict:
+    """A transform's frozen entry for a quantised weight ``q`` whose init saw ``w = dequantize(q)``: the base is
+    ``q`` itself where the transform kept ``w`` (``W = dequant(q) + ΔW``), and its rewrite -- PiSSA's residual
+    ``W0 - A@B`` -- re-quantised in ``q``'s format where it rewrote it (QPiSSA). Plain ``q`` changes nothing."""
+    if not is_quantized(q) or "base" not in frozen:
+        return frozen
+    return {**frozen, "base": q if frozen["base"] is w else requantize(frozen["base"], q, path)}
 
 
 def quantize(params: PyTree, fmt: str, where: Optional[str] = None, **kwargs) -> PyTree:
