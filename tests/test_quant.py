@@ -211,3 +211,17 @@ def test_summary_shows_formats_and_bytes():
     text = plan.summary(trainable, frozen=frozen)
     assert "nf4 2,304 B" in text                                     # 64·64/2 codes + 64 f32 scales
     assert "frozen: 3,584 bytes (nf4: 1 arrays, 2,304 bytes (0.141 of f32); unquantised: 2 arrays, 1,280 bytes)" in text
+
+
+def test_smollm2_blocks_dequantise_to_the_f32_loader(smollm2):
+    """``gguf_params(blocks=True)``: the file's Q4_1 / Q8_0 blocks, q/k rows unpermuted block-wise and kernels
+    transposed without touching a code, dequantise to exactly what the f32 loader gives (stacked layers:
+    ``jax.tree.map(np.stack, ...)`` over the layers' QArrays)."""
+    from experiments.models import llama
+    reader = llama.read_gguf(llama.smollm2_path())
+    cfg = llama.gguf_config(reader, layers=2, scan=True)
+    blocks, dense = llama.gguf_params(reader, cfg, blocks=True), llama.gguf_params(reader, cfg)
+    kernels = [x for x in jax.tree.leaves(blocks, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
+    assert len(kernels) == 1 + 7 and {k.fmt for k in kernels} == {"q4_1", "q8_0"}
+    assert kernels[1].shape[0] == 2 and kernels[1].axis == -2                 # [layers, d_in, d_out] kernels
+    jax.tree.map(np.testing.assert_array_equal, deq(blocks), dense)
