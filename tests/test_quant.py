@@ -225,3 +225,13 @@ def test_smollm2_blocks_dequantise_to_the_f32_loader(smollm2):
     assert len(kernels) == 1 + 7 and {k.fmt for k in kernels} == {"q4_1", "q8_0"}
     assert kernels[1].shape[0] == 2 and kernels[1].axis == -2                 # [layers, d_in, d_out] kernels
     jax.tree.map(np.testing.assert_array_equal, deq(blocks), dense)
+
+
+def test_weight_deltas_on_a_quantised_base():
+    params, _ = _mlp()
+    q = quant.quantize(params, "nf4")
+    plan = rp.plan([(r"l1/kernel", rp.lora(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    trainable = jax.tree.map(lambda a: a + 0.1, trainable)
+    d = rp.weight_deltas(plan, frozen, trainable)["l1/kernel"]
+    np.testing.assert_allclose(d, (trainable["l1"]["kernel"]["A"] @ trainable["l1"]["kernel"]["B"]), atol=1e-5)
