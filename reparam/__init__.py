@@ -16,6 +16,8 @@ The public API, as a table of contents:
   random_basis vera, nola, randlora (bases regenerated from a key held in frozen)
   sparse      random (SLTrain/PaCA), magnitude (SaRA), sensitivity (SPT), lt_sft + diffs (LT-SFT), structured (S²FT)
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
+  quant       quantised frozen bases: QArray, quantize(params, "int8"|"nf4"|"q4_1"|"q8_0", where=), dequantize,
+              from_gguf_tensor (GGUF Q4_1 / Q8_0 blocks as they are); plan.init keeps bases quantised
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   matmul      the hot path: structured_matmul (one custom VJP over every structure), cotangent_barrier,
               norm_barriers (after linen LayerNorm/RMSNorm)
@@ -28,8 +30,8 @@ The public API, as a table of contents:
   checkpoint  orbax manager, save, restore (config- and plan-checked, damaged files named, reshards onto `like`)
   interop     peft.export / peft.load: Hugging Face PEFT adapter directories (LoRA, rsLoRA, DoRA, PiSSA, VeRA, LoKr)
 """
-from reparam import (checkpoint, compose, interop, kronecker, matmul, random_basis, route, sharding, sparse, structure,
-                     train)
+from reparam import (checkpoint, compose, interop, kronecker, matmul, quant, random_basis, route, sharding, sparse,
+                     structure, train)
 from reparam.calibrate import capture_grads, capture_inputs
 from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
@@ -51,5 +53,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
-    "vera", "nola", "randlora", "random_basis", "matmul", "route", "structure", "sharding", "interop",
+    "vera", "nola", "randlora", "random_basis", "quant", "matmul", "route", "structure", "sharding", "interop",
 ]

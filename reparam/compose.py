@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from reparam import views
+from reparam import quant, views
 from reparam.core import ReparamError
 from reparam.plan import Plan
 
@@ -59,7 +59,7 @@ def weight_deltas(plan: Plan, frozen, trainable, base=None) -> dict:
     """
     out = plan.treedef.flatten_up_to(plan.apply(frozen, trainable))
     w0 = (plan.treedef.flatten_up_to(base) if base is not None else
-          [f.get("base") for f in plan.treedef.flatten_up_to(frozen)])
+          [quant.dequantize(f.get("base")) for f in plan.treedef.flatten_up_to(frozen)])
     mat = lambda leaf, x: x if leaf.view is None else views.to_matrix(leaf.view, x)
     return {leaf.path: mat(leaf, (o - b).astype(jnp.float32))
             for leaf, o, b in zip(plan.leaves, out, w0) if leaf.transform is not None}

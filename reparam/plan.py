@@ -13,6 +13,11 @@ Paths are the '/'-joined key paths of the pytree (a linen variables dict or an
 match wins, unmatched leaves stay frozen, a rule that matches nothing is an
 error listing near misses. ``frozen`` and ``trainable`` have the params'
 structure with, at each leaf, the dicts its transform returned.
+
+A leaf may be a quantised array (:class:`reparam.quant.QArray`): the plan sees its logical shape and dtype,
+each transform is initialised from the dequantised weight, and ``frozen`` keeps the base quantised (a
+rewritten base, PiSSA's residual, is re-quantised in the same format: QPiSSA); ``apply`` / ``merge``
+dequantise every quantised array in ``frozen`` where it is used.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reparam import structure, views
+from reparam import quant, structure, views
 from reparam.core import Reparam, ReparamError, check_finite
 
 PyTree = Any
@@ -107,7 +112,8 @@ def _check_tree(plan: Plan, which: str, tree: PyTree) -> None:
                            f"({str(e).splitlines()[0][:200]}). {fix}") from None
     problems = []
     for leaf, w, part in zip(plan.leaves, want, parts):
-        msgs = [] if w is None else sig_diff(w, {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(part)[0]})
+        got = jax.tree_util.tree_flatten_with_path(part, is_leaf=quant.is_quantized)[0]   # a QArray: its logical sig
+        msgs = [] if w is None else sig_diff(w, {path_str(k): x for k, x in got})
         if msgs:
             problems.append(f"{_where(plan, leaf)}: " + ", ".join(msgs[:4])
                             + (f" (and {len(msgs) - 4} more)" if len(msgs) > 4 else ""))
@@ -184,7 +190,7 @@ class Plan:
                 frozen.append({"base": w})
                 trainable.append({})
                 continue
-            t = leaf.transform
+            t, q, w = leaf.transform, w, quant.dequantize(w)
             c = calib.get(leaf.path)
             if t.calib and c is None:
                 raise _wrap_error(leaf, self.rules, ReparamError(
@@ -200,6 +206,7 @@ class Plan:
                 f, tr = t.init(jax.random.fold_in(key, i), w, c)
             except ReparamError as e:
                 raise _wrap_error(leaf, self.rules, e) from None
+            f = quant.rebase(f, q, w, leaf.path)
             if i in owners.values():
                 tr = {**tr, "shared": self.rules[leaf.rule][1].shared(jax.random.fold_in(key, len(self.leaves) + leaf.rule))}
             tr = jax.tree_util.tree_map(self._cast, tr)
@@ -262,13 +269,17 @@ class Plan:
     def _entries(self, frozen: PyTree, trainable: PyTree) -> list:
         """``[(i, leaf, frozen entry, trainable entry, kwargs)]`` once both trees are checked (:meth:`check`)."""
         self.check(frozen, trainable)
-        fl = self.treedef.flatten_up_to(frozen)
+        fl = self._frozen(frozen)
         return [(i, leaf, f, tr, kw) for i, (leaf, f, (tr, kw)) in
                 enumerate(zip(self.leaves, fl, self._per_leaf(trainable)))]
 
     def apply(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
         """The effective params. ``rng`` drives stochastic transforms (DyLoRA); ``None`` = eval."""
         return self.treedef.unflatten(self.leaf_values(frozen, trainable, rng))
+
+    def _frozen(self, frozen: PyTree) -> list:
+        """Each leaf's frozen entry, quantised arrays dequantised (inside a jitted step XLA fuses it into the use)."""
+        return [quant.dequantize(f) for f in self.treedef.flatten_up_to(frozen)]
 
     def leaf_values(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None,
                     skip: Sequence[int] = ()) -> list:
@@ -370,30 +381,34 @@ class Plan:
             return "structured (untraced)"
         return routing.cell(leaf.path)
 
-    def summary(self, trainable: Optional[PyTree] = None, routing=None) -> str:
+    def summary(self, trainable: Optional[PyTree] = None, routing=None, frozen: Optional[PyTree] = None) -> str:
         """A table of adapted paths: shape, matrix view, transform, train-step matmul, trainable count; totals.
 
         The matmul column says how a train step computes each leaf's uses. Without ``routing``: ``autodiff (no
         ΔW structure)``, or ``structured (untraced)`` for a transform whose structure a step may route. With
         ``routing=step.routing`` (:class:`reparam.route.Routing`, filled when the step was traced): how many
         of the leaf's uses in the loss ran the structured op, with the forward each chose and its tokens
-        per call, and the reason of each use that fell back to plain autodiff.
+        per call, and the reason of each use that fell back to plain autodiff. With ``frozen``: a ``base`` column
+        (each base's format -- a quantised one's, :mod:`reparam.quant` -- and bytes) and a line of the frozen
+        tree's bytes per format.
         """
         counts = self.trainable_counts(trainable)
-        rows = [("path", "shape", "view", "transform", "matmul", "trainable")]
+        bases = [()] * len(self.leaves) if frozen is None else \
+            [(quant.describe(f["base"]) if "base" in f else "",) for f in self.treedef.flatten_up_to(frozen)]
+        rows = [("path", "shape", "view", "transform", "matmul", "trainable") + (() if frozen is None else ("base",))]
         n_total = sum(math.prod(leaf.shape) for leaf in self.leaves)
         n_frozen_leaves = 0
-        for leaf, c in zip(self.leaves, counts):
+        for leaf, c, base in zip(self.leaves, counts, bases):
             if leaf.transform is None:
                 n_frozen_leaves += 1
                 continue
             v = leaf.view
             view = "" if v is None or v.is_trivial() else f"b{v.batch} in{v.inp} out{v.out}"
             rows.append((leaf.path, "x".join(map(str, leaf.shape)), view, leaf.transform.name,
-                         self._matmul_cell(leaf, routing), "?" if c is None else f"{c:,}"))
+                         self._matmul_cell(leaf, routing), "?" if c is None else f"{c:,}") + base)
         n_train = sum(c or 0 for c in counts)
-        widths = [max(len(r[j]) for r in rows) for j in range(6)]
-        fmt = lambda r: "  ".join(x.rjust(w) if j == 5 else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))
+        widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+        fmt = lambda r: "  ".join(x.rjust(w) if j >= 5 else x.ljust(w) for j, (x, w) in enumerate(zip(r, widths)))
         lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
         lines.append(f"{n_frozen_leaves} other leaves frozen.")
         for i, (regex, t) in enumerate(self.rules):
@@ -404,6 +419,8 @@ class Plan:
         unknown = " (data-driven leaves not yet initialised: pass trainable)" if pending else ""
         lines.append(f"total: {n_train:,} trainable of {n_total:,} base params "
                      f"({100.0 * n_train / max(n_total, 1):.4f}%){unknown}")
+        if frozen is not None:
+            lines.append(quant.report(frozen))
         return "\n".join(lines)
 
     def __repr__(self):
@@ -456,7 +473,7 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
             compiled.append(re.compile(regex))
         except re.error as e:
             raise ReparamError(f"rule {i} ({regex!r} -> {t.name}): invalid regex: {e}.") from None
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)
     derived = {}
     if model is not None:
         matched = {path_str(k) for k, _ in flat if any(c.fullmatch(path_str(k)) for c in compiled)}

