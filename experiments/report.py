@@ -135,7 +135,7 @@ def plot(path: str, history: dict[str, dict[str, list]], results: dict) -> None:
     ax_bar.grid(axis="x", alpha=0.3)
     pre = results.get("pretrain")
     fig.suptitle(f"MLP pretrained on digits 0-4 (test acc {100 * pre['acc']:.1f}%), adapted to digits 5-9" if pre
-                 else f"all-MiniLM-L6-v2 fine-tuned on {task}: {results['config']['adapt_steps']} steps per method",
+                 else f"{results.get('model', 'all-MiniLM-L6-v2')} fine-tuned on {task}: {results['config']['adapt_steps']} steps per method",
                  fontsize=12)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

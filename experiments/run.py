@@ -530,7 +530,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         print(f"zero-shot: test acc {start_test:.4f}", flush=True)
         notes[-1] += f", test acc {100 * start_test:.1f}%"
 
-    results = {"task": task.name, "pretrain": pre, "untrained_head_acc": untrained, "start": task.start,
+    results = {"task": task.name, "model": task.model_name, "pretrain": pre, "untrained_head_acc": untrained, "start": task.start,
                "start_test_acc": start_test, "notes": notes, "monitor": task.monitor_split, "methods": {},
                "config": config.to_dict()}
     history = {}

@@ -49,6 +49,7 @@ class Task(NamedTuple):
     test: Metrics                                       # params -> {"loss", "acc"} on the test split
     notes: list                                         # lines under the results table
     start: str = "untrained head"                       # what task.params are before adapting (for the report)
+    model_name: str = "all-MiniLM-L6-v2"                # for titles
 
 
 def classifier_fns(logits: Callable[[PyTree, Any], jax.Array]) -> tuple[Callable, Callable]:
@@ -205,4 +206,5 @@ def smollm_tweets(config: ml_collections.ConfigDict, dtype: Any = jnp.float32) -
     return Task("tweet sentiment as instructions (SmolLM2)", model, params, loss_fn, metrics_fn,
                 batches=lambda seed, start: data.batches(splits["train"], config.batch_size, seed, start),
                 inputs=lambda b: (b["input_ids"],), monitor=lambda p: evaluate(p, val), monitor_split="val",
-                test=lambda p: evaluate(p, test), notes=notes, start="zero-shot")
+                test=lambda p: evaluate(p, test), notes=notes, start="zero-shot",
+                model_name="SmolLM2-135M-Instruct")
