@@ -132,7 +132,7 @@ def _affine(levels: int, scale_dtype) -> tuple[Callable, Callable]:
 
 
 def _codebook(values: np.ndarray) -> tuple[Callable, Callable]:
-    mids = jnp.asarray((values[1:] + values[:-1]) / 2)
+    mids = (values[1:] + values[:-1]) / 2       # numpy: no JAX array at import (jax.distributed comes first)
 
     def encode(x):
         s = jnp.max(jnp.abs(x), -1)

@@ -92,7 +92,7 @@ def _check_quickstart(nb, text, tmp_path):
     assert "round trip, max difference: 0.0" in text
     assert "trainables identical: True" in text and "another config is refused" in text
     adapter = tmp_path / "quickstart_out" / "lora_adapter"
-    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors", "reparam_plan.json"]
     assert not os.path.exists(os.path.join(ROOT, "quickstart_out"))
 
 
@@ -112,7 +112,7 @@ def _check_finetune_minilm(nb, text, tmp_path):
     assert _has_plot(nb), "no loss plot"
     # the LoRA adapter in PEFT's format, with torch module names, and the head beside it, in the cwd
     out = tmp_path / "finetune_out"
-    assert sorted(os.listdir(out / "lora_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out / "lora_adapter")) == ["adapter_config.json", "adapter_model.safetensors", "reparam_plan.json"]
     assert os.path.getsize(out / "head.safetensors") > 384 * 3 * 4
     assert "target_modules: 12 e.g. encoder.layer.0.attention.self.query" in text, text
     assert "round trip, max difference: 0.0" in text, text
@@ -139,4 +139,4 @@ def _check_finetune_smollm2(nb, text, tmp_path):
     assert float(re.search(r"max \|torch PEFT - flax\| logits: (\S+)", text).group(1)) < 1e-3, text
     assert "same argmax everywhere: True" in text, text
     out = tmp_path / "smollm2_out" / "lora_adapter"
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "reparam_plan.json"]
