@@ -39,11 +39,17 @@ source digits, A, B, A∪B and all ten digits. Writes ``metrics.jsonl`` (one
 line per training step as :mod:`experiments.run`, the loss including the L1
 term and the accuracy over the phase's classes), ``results.json`` and
 ``results.png`` to ``output_dir`` and prints the table.
+
+Checks, as in :mod:`experiments.run`: an unknown ``--config.<key>`` is listed with its near matches
+(``parse_flags``) and keys out of range are refused (:func:`check_config`) before anything runs; a non-finite
+training loss stops the run naming the phase and step. The CLI then exits 1 with the message.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -58,12 +64,17 @@ from ml_collections import config_flags
 from experiments import report
 from experiments.data import digits
 from experiments.models import MLP
-from experiments.run import make_fns, median_ms, pretrain, train
+from experiments.run import RANGES, check_ranges, make_fns, median_ms, parse_flags, pretrain, train
 
 if "config" not in flags.FLAGS:      # experiments.run, imported above, defines the same --config flag
     config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 
 KERNELS = r"(hidden_\d+|head)/kernel"
+# the runner's ranges, and this experiment's keys ranged like the runner's of the same kind
+COMPOSE_RANGES = {**RANGES, "full_steps": RANGES["pretrain_steps"], "sparse_steps": RANGES["pretrain_steps"],
+                  "full_lr": RANGES["pretrain_lr"], "sparse_lr": RANGES["pretrain_lr"], "l1": RANGES["weight_decay"],
+                  "replay": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                             "in [0, 1) (the fraction of each fine-tuning batch replayed from the source digits)")}
 SETS = ("source", "a", "b", "ab", "all")       # test sets, in table order
 PLOTTED = ("source", "a", "b", "all")
 TAGS = {"source": "", "a": "A ", "b": "B ", "ab": "A+B ", "all": ""}
@@ -236,13 +247,30 @@ def plot(path: str, results: dict) -> None:
     plt.close(fig)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:data:`COMPOSE_RANGES`),
+    a replay that leaves a batch no task example, a density ``lt_sft`` refuses, or digit sets that overlap."""
+    check_ranges(config, COMPOSE_RANGES)
+    if round(config.replay * config.batch_size) >= config.batch_size:
+        raise rp.ReparamError(f"config.replay={config.replay} leaves no task example in a batch of "
+                              f"config.batch_size={config.batch_size}; lower --config.replay.")
+    try:
+        rp.sparse.lt_sft(density=config.density)
+    except rp.ReparamError as e:
+        raise rp.ReparamError(f"config.density: {e} Fix --config.density.") from None
+    digit_sets = {k: tuple(config[k]) for k in ("source", "task_a", "task_b")}
+    every = sum(digit_sets.values(), ())
+    if (len(set(every)) != len(every) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9
+                                                 for d in every) or not all(digit_sets.values())):
+        raise rp.ReparamError(", ".join(f"config.{k}={v}" for k, v in digit_sets.items()) + " must be non-empty "
+                              "disjoint sets of digits 0-9; fix the config or its --config.<key>=value flags.")
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """The whole experiment; returns the results dict (also written to ``output_dir``)."""
+    check_config(config)
     t_start = time.perf_counter()
-    source_c, a_c, b_c = (tuple(int(d) for d in config[k]) for k in ("source", "task_a", "task_b"))
-    every = source_c + a_c + b_c
-    if len(set(every)) != len(every) or not set(every) <= set(range(10)):
-        raise ValueError(f"source {source_c}, task_a {a_c} and task_b {b_c} must be disjoint digits 0-9.")
+    source_c, a_c, b_c = (tuple(config[k]) for k in ("source", "task_a", "task_b"))
     os.makedirs(config.output_dir, exist_ok=True)
     log_path = os.path.join(config.output_dir, "metrics.jsonl")
     open(log_path, "w").close()
@@ -295,8 +323,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    run(flags.FLAGS.config)
+    try:
+        run(flags.FLAGS.config)
+    except (rp.ReparamError, FloatingPointError) as e:     # bad input or a diverged run: the message, exit 1
+        sys.exit(f"experiments.compose: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(parse_flags, prog="experiments.compose"))

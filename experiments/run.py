@@ -151,15 +151,21 @@ def check_keys(config: ml_collections.ConfigDict, keys) -> None:
                               "--config.<key>=value flags; the config file's get_config() lists the keys.")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:data:`RANGES`,
-    each learning rate of ``method_lr``) and the first method whose transforms refuse their hyperparameters."""
-    bad = [(k, config[k], what) for k, (ok, what) in RANGES.items() if k in config and not ok(config[k])]
+def check_ranges(config: ml_collections.ConfigDict, ranges: dict = RANGES) -> None:
+    """Raises a ReparamError naming every numeric key out of range (``ranges``: key -> (test, what it must be);
+    keys ``config`` lacks are skipped) and each learning rate of ``method_lr``."""
+    bad = [(k, config[k], what) for k, (ok, what) in ranges.items() if k in config and not ok(config[k])]
     bad += [(f"method_lr.{k}", v, _POS_REAL[1]) for k, v in config.get("method_lr", {}).items()
             if not _POS_REAL[0](v)]
     if bad:
         raise rp.ReparamError("; ".join(f"config.{k}={v!r} must be {what}" for k, v, what in bad)
                               + ". Fix the config or its --config.<key>=value flags.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:func:`check_ranges`)
+    and the first method whose transforms refuse their hyperparameters."""
+    check_ranges(config)
     for name in M.names(config.methods):
         try:
             M.METHODS[name](config)
@@ -168,9 +174,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                   "...).") from None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], prog: str = "experiments.run") -> list[str]:
     """absl's flag parsing, with every ``--config.<key>`` override checked against the config file's keys first
-    (an unknown one exits with the near matches, before anything runs)."""
+    (an unknown one exits with the near matches, before anything runs; ``prog`` starts the message)."""
     keys = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     path = next((a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv, argv[1:] + [""])
                  if a == "--config" or a.startswith("--config=")), None)
@@ -178,7 +184,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         try:
             check_keys(flags.FLAGS["config"].parser.parse(path), keys)     # the file's get_config(), as absl loads it
         except rp.ReparamError as e:
-            sys.exit(f"experiments.run: {e}")
+            sys.exit(f"{prog}: {e}")
     return app.parse_flags_with_usage(argv)
 
 

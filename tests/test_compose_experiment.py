@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reparam as rp
 
 from experiments import compose as C
+from experiments.configs import compose as compose_config
 from experiments.models import MLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,3 +77,37 @@ def test_compose_end_to_end(tmp_path):
     v = results["variants"]
     assert v["LT-SFT A+B (sum)"]["trained"] == v["LT-SFT A"]["trained"] + v["LT-SFT B"]["trained"]
     assert v["LT-SFT A+B (sum)"]["nonzero_diff"] <= v["LT-SFT A+B (sum)"]["trained"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"full_steps": 0}, r"config.full_steps=0 must be an int >= 1"),
+    ({"sparse_steps": -5}, r"config.sparse_steps=-5 must be an int >= 1"),
+    ({"sparse_lr": 0.0}, r"config.sparse_lr=0.0 must be a finite number > 0"),
+    ({"full_lr": float("nan")}, r"config.full_lr=nan must be a finite number > 0"),
+    ({"l1": -1.0}, r"config.l1=-1.0 must be a finite number >= 0"),
+    ({"pretrain_steps": 0, "batch_size": 0}, r"config.pretrain_steps=0 must be an int >= 1; config.batch_size=0"),
+    ({"replay": 1.0}, r"config.replay=1.0 must be in \[0, 1\) \(the fraction of each fine-tuning batch"),
+    ({"replay": 0.995}, r"config.replay=0.995 leaves no task example in a batch of config.batch_size=64; lower "
+                       r"--config.replay"),
+    ({"density": 0.0}, r"config.density: sparse.lt_sft: density=0.0 must be in \(0, 1\].*Fix --config.density"),
+    ({"task_b": (4, 9)}, r"config.source=\(0, 1, 2, 3, 4\), config.task_a=\(5, 6, 7\), config.task_b=\(4, 9\) must "
+                         r"be non-empty disjoint sets of digits 0-9"),
+    ({"task_a": (5, 10)}, r"config.task_a=\(5, 10\).*digits 0-9"),
+], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_a_bad_config_is_refused_before_anything_runs(tmp_path, overrides, message):
+    """The runner's range checks (experiments.run.check_ranges) with this experiment's keys, before any output."""
+    config = compose_config.get_config()
+    config.update_from_flattened_dict({**overrides, "output_dir": str(tmp_path / "out")})
+    with pytest.raises(rp.ReparamError, match=message):
+        C.run(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_lists_an_unknown_key_with_near_matches_and_exits_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.compose", "--config=experiments/configs/compose.py",
+                           "--config.sparse_stpes=3", f"--config.output_dir={tmp_path / 'out'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("experiments.compose: unknown config key: 'sparse_stpes' (did you mean 'sparse_steps'"
+            in proc.stderr)
+    assert not (tmp_path / "out").exists()
