@@ -123,6 +123,14 @@ _HPARAMS = {
     "num_b": (lambda v: _is_int(v) and v >= 1, "a positive int", "64"),
     "alpha": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0", "16"),
     "density": (lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]", "0.01"),
+    "niter": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (power iterations), or None for the exact SVD", "4"),
+    "gamma": (lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0", "4e-4"),
+    "d_init": (lambda v: _is_real(v) and math.isfinite(v), "a finite number", "0.1"),
+    "s": (lambda v: _is_real(v) and math.isfinite(v) and v != 0, "a finite non-zero number (the scale)", "1.0"),
+    "scale": (lambda v: _is_real(v) and math.isfinite(v) and v != 0, "a finite non-zero number", "1.0"),
+    "rank": (lambda v: _is_int(v) and v >= 1, "a positive int", "8"),
+    "rho": (lambda v: _is_real(v) and math.isfinite(v) and v >= 1, "a finite number >= 1 (1 keeps the rank "
+            "everywhere)", "2.0"),
 }
 
 
@@ -136,7 +144,8 @@ def _is_real(v) -> bool:
 
 def check_hparams(method: str, hparams: dict) -> None:
     """Raises a :class:`ReparamError` naming the argument and the fix when a common hyperparameter (rank ``r``,
-    ``k``, ``n``, ``alpha``, ``density``, ...) is out of range or of the wrong type; ``True`` is not a rank."""
+    ``k``, ``n``, ``alpha``, ``density``, ``niter``, ``gamma``, a scale ``s``, ...) is out of range or of the wrong
+    type; ``True`` is not a rank."""
     for name, value in hparams.items():
         rule = _HPARAMS.get(name)
         if rule is not None and not rule[0](value):
@@ -247,6 +256,8 @@ def check_rank(rank: int, shape: tuple[int, ...], method: str) -> None:
     d_in, d_out = shape[-2:]
     if not isinstance(rank, int) or rank < 1:
         raise ReparamError(f"{method}: rank must be a positive int, got {rank!r}.")
+    if not min(d_in, d_out):
+        raise ReparamError(f"{method}: the {d_in}x{d_out} weight is empty; exclude it from the rule.")
     if rank > min(d_in, d_out):
         raise ReparamError(f"{method}: rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of a "
                            f"{d_in}x{d_out} weight; use rank <= {min(d_in, d_out)} or exclude this "

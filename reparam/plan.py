@@ -472,7 +472,9 @@ def plan(rules: Sequence[tuple[str, Reparam]], params: PyTree, *,
         try:
             compiled.append(re.compile(regex))
         except re.error as e:
-            raise ReparamError(f"rule {i} ({regex!r} -> {t.name}): invalid regex: {e}.") from None
+            raise ReparamError(f"rule {i} ({regex!r} -> {t.name}): invalid regex: {e}. Fix the regex (Python re "
+                               "syntax, matched with re.fullmatch against '/'-joined paths; re.escape() a literal "
+                               "path).") from None
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)
     derived = {}
     if model is not None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reparam.core import Reparam, ReparamError, additive, check_finite, check_rank, fmt_name
+from reparam.core import Reparam, ReparamError, additive, check_finite, check_hparams, check_rank, fmt_name
 from reparam.linalg import truncated_svd
 from reparam.lowrank import lora_scale, lowrank_structure
 from reparam.structure import LowRank
@@ -167,8 +167,7 @@ def eva_allocate(calib: dict, rank: int, rho: float = 2.0) -> dict:
     rank is how many of its own were kept (at least 1). Returns ``calib`` with a
     ``"rank"`` entry per path.
     """
-    if rho < 1:
-        raise ReparamError(f"eva_allocate: rho must be >= 1 (rho=1 keeps rank {rank} everywhere), got {rho}.")
+    check_hparams("eva_allocate", {"rank": rank, "rho": rho})
     cap = max(1, int(rho * rank))
     ratios = []
     for path, c in calib.items():

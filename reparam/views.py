@@ -109,7 +109,8 @@ def resolve(path: str, shape: tuple[int, ...], t: Reparam, rule: str) -> View:
     if sorted(batch + inp + out) != list(range(nd)) or not inp or not out:
         raise ReparamError(
             f"parameter '{path}' (rule {rule!r}): axes batch={batch} in={inp} out={out} must split the "
-            f"{nd} dims of shape {shape} exactly once each, with in and out non-empty.")
+            f"{nd} dims of shape {shape} exactly once each, with in and out non-empty. Fix the rp.on_axes "
+            "declaration: name each axis in exactly one of batch_axes, in_axes, out_axes.")
     return View(batch, inp, out)
 
 

@@ -230,6 +230,6 @@ def fourierft(n: int, scale: float = 150.0) -> Reparam:
     flat index ``i·d_out + o``. PEFT initialises the spectrum to N(0, 1) unless
     ``init_weights=True``; ours starts at 0 so a fresh adapter is a no-op.
     """
-    check_hparams("fourierft", {"n": n})
+    check_hparams("fourierft", {"n": n, "s": scale})
     return in_basis(fourier_basis(), sparse.random(k=n), scale)._replace(
         name=fmt_name("fourierft", n=n, s=scale))

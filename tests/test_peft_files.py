@@ -53,8 +53,12 @@ def _edit_config(directory, **changes):
     ({"rank_pattern": {"enc.l0": 0}}, r"rank_pattern=.* must be an object of module-name patterns -> an int >= 1"),
     ({"use_rslora": "yes"}, r"use_rslora='yes' must be true or false"),
     ({"fan_in_fan_out": True}, r"fan_in_fan_out=True must be false \(reparam reads torch Linear"),
-    ({"peft_type": ...}, r"peft_type=None; reparam loads \['LOKR', 'LORA', 'VERA'\] adapters"),
+    ({"peft_type": ...}, r"peft_type=None; reparam loads \['LOKR', 'LORA', 'VERA'\] adapters: use PEFT itself for "
+                         r"another kind, or fix peft_type"),
     ({"peft_type": "IA3"}, r"peft_type='IA3'; reparam loads"),
+    ({"r": 4}, r"r=4 for module 'enc.l0' \(r, rank_pattern\), but its lora_A.weight in .*adapter_model.safetensors "
+               r"has rank 2: the config and the weights disagree .*fix r or rank_pattern in the config"),
+    ({"r": 4, "rank_pattern": {"enc.l0": 3}}, r"r=3 for module 'enc.l0'.*has rank 2"),
     ({"r": 0, "lora_alpha": -1}, r"r=0 must be an int >= 1; lora_alpha=-1 must be a finite number > 0\. Fix the file"),
 ], ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
 def test_a_bad_config_names_the_file_and_the_key(adapter, changes, message):
@@ -74,7 +78,8 @@ def test_a_bad_config_names_the_file_and_the_key(adapter, changes, message):
 def test_a_config_that_is_not_a_json_object_names_the_file(adapter, content, message):
     plan, frozen, _, directory = adapter
     (directory / rpeft.CONFIG_NAME).write_bytes(content)
-    with pytest.raises(rp.ReparamError, match=rf"{directory / rpeft.CONFIG_NAME} {message}"):
+    with pytest.raises(rp.ReparamError, match=rf"{directory / rpeft.CONFIG_NAME} {message}.*save the adapter again "
+                                              r"\(PEFT's save_pretrained, or rp.interop.peft.export\)"):
         rpeft.load(plan, frozen, str(directory))
 
 
@@ -160,3 +165,26 @@ def test_load_reads_nothing_outside_the_adapter_directory(adapter, tmp_path, nam
     (directory / name).symlink_to(outside)
     with pytest.raises(rp.ReparamError, match=rf"{directory / name} is a symlink to {outside}, outside"):
         rpeft.load(plan, frozen, str(directory))
+
+
+def test_the_config_rank_is_read_per_module(adapter):
+    """A config whose r differs from the weights' rank only where rank_pattern overrides it loads as before."""
+    plan, frozen, trainable, directory = adapter
+    _edit_config(directory, r=4, rank_pattern={"enc.l0": 2})
+    loaded = rpeft.load(plan, frozen, str(directory))
+    np.testing.assert_allclose(plan.merge(frozen, loaded)["params"]["enc"]["l0"]["kernel"],
+                               plan.merge(frozen, trainable)["params"]["enc"]["l0"]["kernel"], rtol=1e-6)
+
+
+def test_export_onto_a_file_and_load_from_nowhere_name_the_path(adapter, tmp_path):
+    plan, frozen, trainable, _ = adapter
+    target = tmp_path / "adapter_here"
+    target.write_text("a file")
+    with pytest.raises(rp.ReparamError, match=rf"export: {target} is a file, not a directory; give export a "
+                                              r"directory"):
+        rpeft.export(plan, frozen, trainable, str(target))
+    assert target.read_text() == "a file"
+    with pytest.raises(rp.ReparamError, match=rf"{tmp_path / 'nowhere' / rpeft.CONFIG_NAME} does not exist: .*give "
+                                              r"load the directory that save_pretrained or rp.interop.peft.export "
+                                              r"wrote"):
+        rpeft.load(plan, frozen, str(tmp_path / "nowhere"))

@@ -130,6 +130,9 @@ def test_rank_above_min_dim_names_path_rule_and_fix():
         rp.plan([(r".*/query/kernel", rp.lora(7))], PARAMS)
     with pytest.raises(rp.ReparamError, match=r"enc/value/kernel.*pissa: rank 9"):
         rp.plan([(r".*/value/kernel", rp.pissa(9))], PARAMS)
+    with pytest.raises(rp.ReparamError, match=r"'e/kernel' \(0, 6\), rule 0 .*lora: the 0x6 weight is empty; "
+                                              r"exclude it from the rule"):
+        rp.plan([(r"e/kernel", rp.lora(2))], {"e": {"kernel": jnp.ones((0, 6))}})
 
 
 def test_non_2d_kernel_without_declaration_and_bad_rule_shapes():
@@ -142,7 +145,7 @@ def test_non_2d_kernel_without_declaration_and_bad_rule_shapes():
         rp.plan([(r"b", rp.lora(2))], params)
     with pytest.raises(rp.ReparamError, match=r"rule 0 must be a \(regex, transform\) pair"):
         rp.plan([("mix/kernel",)], params)
-    with pytest.raises(rp.ReparamError, match=r"exactly once"):
+    with pytest.raises(rp.ReparamError, match=r"exactly once each.*Fix the rp.on_axes declaration: name each axis in exactly one of"):
         rp.plan([(r"mix/kernel", rp.on_axes(rp.lora(2), in_axes=(0,), out_axes=(0, 2)))], params)
 
 
@@ -213,7 +216,7 @@ def test_eva_takes_the_top_input_directions_and_allocates_ranks():
              "b": {"cov": jnp.eye(4)}}                                        # flat spectrum
     ranks = {p: c["rank"] for p, c in rp.eva_allocate(calib, rank=2, rho=2).items()}
     assert ranks == {"a": 1, "b": 3}
-    with pytest.raises(rp.ReparamError, match="rho must be >= 1"):
+    with pytest.raises(rp.ReparamError, match=r"eva_allocate: rho=0.5 must be a finite number >= 1"):
         rp.eva_allocate(calib, 2, rho=0.5)
 
 
@@ -385,6 +388,14 @@ def test_transform_identity_is_structured(tmp_path):
     (lambda: rp.fourierft(0), r"fourierft: n=0 must be a positive int"),
     (lambda: rp.waveft(k=True), r"waveft: k=True must be a positive int"),
     (lambda: rp.wara(0), r"wara: r=0"),
+    (lambda: rp.pissa(2, niter=-1), r"pissa: niter=-1 must be an int >= 0 \(power iterations\), or None"),
+    (lambda: rp.sorsa(2, gamma=-1.0), r"sorsa: gamma=-1.0 must be a finite number >= 0"),
+    (lambda: rp.sorsa(2, gamma=float("nan")), r"sorsa: gamma=nan must be a finite number >= 0"),
+    (lambda: rp.vera(2, d_init=float("nan")), r"vera: d_init=nan must be a finite number \(e.g. d_init=0.1\)"),
+    (lambda: rp.fourierft(10, scale=float("inf")), r"fourierft: s=inf must be a finite non-zero number"),
+    (lambda: rp.krona(scale=0.0), r"krona: s=0.0 must be a finite non-zero number"),
+    (lambda: rp.sparse.random(k=3, scale=float("nan")), r"sparse.random: scale=nan must be a finite non-zero"),
+    (lambda: rp.eva_allocate({}, 0), r"eva_allocate: rank=0 must be a positive int"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_hyperparameters_fail_at_construction(make, message):
     """Ranks, counts, alpha and density are checked when the transform is made: the error names the method,
@@ -395,7 +406,7 @@ def test_bad_hyperparameters_fail_at_construction(make, message):
 
 def test_rule_errors_name_the_rule():
     params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
-    with pytest.raises(rp.ReparamError, match=r"rule 1 \('\(a' -> lora\(r=2\)\): invalid regex"):
+    with pytest.raises(rp.ReparamError, match=r"rule 1 \('\(a' -> lora\(r=2\)\): invalid regex: .*\. Fix the regex \(Python re syntax"):
         rp.plan([(r"a/kernel", rp.lora(2)), (r"(a", rp.lora(2))], params)
     with pytest.raises(rp.ReparamError, match=r"rule 1 \('a/kernel' -> lora\(r=2\)\) is shadowed: every path it "
                                               r"matches \(\['a/kernel'\]\) is taken by earlier rule\(s\) \[0\]"):

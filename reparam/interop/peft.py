@@ -249,13 +249,16 @@ def _read_config(path: str) -> dict:
             cfg = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReparamError(f"{path} is not readable JSON ({type(e).__name__}: {e}); a PEFT adapter's "
-                           f"{CONFIG_NAME} is the JSON object save_pretrained writes.") from None
+                           f"{CONFIG_NAME} is the JSON object save_pretrained writes: save the adapter again "
+                           "(PEFT's save_pretrained, or rp.interop.peft.export).") from None
     if not isinstance(cfg, dict):
         raise ReparamError(f"{path} holds a JSON {type(cfg).__name__}, not an object of PEFT config keys "
-                           "(peft_type, r, lora_alpha, ...).")
+                           "(peft_type, r, lora_alpha, ...); save the adapter again (PEFT's save_pretrained, or "
+                           "rp.interop.peft.export).")
     peft_type = cfg.get("peft_type")
     if peft_type not in _REQUIRED:
-        raise ReparamError(f"{path}: peft_type={peft_type!r}; reparam loads {sorted(_REQUIRED)} adapters.")
+        raise ReparamError(f"{path}: peft_type={peft_type!r}; reparam loads {sorted(_REQUIRED)} adapters: use "
+                           "PEFT itself for another kind, or fix peft_type if the file is one of these.")
     for key in _REQUIRED[peft_type]:
         if cfg.get(key) is None:
             near = difflib.get_close_matches(key, [k for k in cfg if k not in _CONFIG_RULES], n=2, cutoff=0.6)
@@ -409,6 +412,9 @@ def export(plan, frozen: PyTree, trainable: PyTree, directory: str, *, module_ma
     """
     from safetensors.numpy import save_file
 
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ReparamError(f"export: {directory} is a file, not a directory; give export a directory (new or "
+                           f"existing) to write {CONFIG_NAME}, {WEIGHTS_NAME} and {PLAN_NAME} into.")
     entries = _entries(plan, frozen, module_map)
     if base_modules is not None:
         known = set(base_modules)
@@ -462,7 +468,8 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
             raise ReparamError(f"{p} does not exist: a PEFT adapter directory holds {CONFIG_NAME} and "
-                               f"{WEIGHTS_NAME} (PEFT's save_pretrained, safetensors format).")
+                               f"{WEIGHTS_NAME} (PEFT's save_pretrained, safetensors format); give load the "
+                               "directory that save_pretrained or rp.interop.peft.export wrote.")
     cfg = _read_config(cfg_path)
     tensors = _read_tensors(w_path)
     entries = _entries(plan, frozen, module_map)
@@ -510,6 +517,11 @@ def load(plan, frozen: PyTree, directory: str, *, module_map: ModuleMap = None) 
             check(e, "lora_A.weight", a.shape, like["A"].shape[::-1])
             check(e, "lora_B.weight", b.shape, like["B"].shape[::-1])
             r = a.shape[0]
+            if int(_per_module(cfg, e.module, "rank_pattern", "r")) != r:
+                raise ReparamError(f"{cfg_path}: r={_per_module(cfg, e.module, 'rank_pattern', 'r')} for module "
+                                   f"'{e.module}' (r, rank_pattern), but its lora_A.weight in {w_path} has rank "
+                                   f"{r}: the config and the weights disagree (PEFT would not load them); fix r or "
+                                   "rank_pattern in the config, or export the adapter again.")
             alpha = _per_module(cfg, e.module, "alpha_pattern", "lora_alpha")
             s_file = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
             tr = {"A": a.T * (s_file / s_plan), "B": b.T}
