@@ -91,7 +91,11 @@ def names(methods: Union[str, Sequence[str]]) -> list[str]:
     out = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
     unknown = [m for m in out if m not in METHODS]
     if unknown or not out:
-        raise ValueError(f"unknown methods {unknown} in {methods!r}; choose from {', '.join(METHODS)}.")
+        raise rp.ReparamError(f"unknown methods {unknown} in {methods!r}; choose from {', '.join(METHODS)}.")
+    twice = sorted({m for m in out if out.count(m) > 1})
+    if twice:
+        raise rp.ReparamError(f"methods {twice} listed twice in {methods!r} (a method's phase runs once); drop the "
+                         "repeats.")
     return out
 
 

@@ -128,6 +128,7 @@ RANGES = {
                                       "checkpoint_every=0)"),
     "pretrain_lr": _POS_REAL, "adapt_lr": _POS_REAL, "weight_decay": _NONNEG_REAL,
     "test_fraction": (lambda v: isinstance(v, float) and 0 < v < 1, "in (0, 1)"),
+    "hidden": (lambda v: isinstance(v, (tuple, list)) and all(_POS_INT[0](h) for h in v), "ints >= 1 (MLP widths)"),
 }
 
 

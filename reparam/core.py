@@ -129,6 +129,7 @@ _HPARAMS = {
     "s": (lambda v: _is_real(v) and math.isfinite(v) and v != 0, "a finite non-zero number (the scale)", "1.0"),
     "scale": (lambda v: _is_real(v) and math.isfinite(v) and v != 0, "a finite non-zero number", "1.0"),
     "rank": (lambda v: _is_int(v) and v >= 1, "a positive int", "8"),
+    "rslora": (lambda v: isinstance(v, (bool, np.bool_)), "True or False", "True"),
     "rho": (lambda v: _is_real(v) and math.isfinite(v) and v >= 1, "a finite number >= 1 (1 keeps the rank "
             "everywhere)", "2.0"),
 }

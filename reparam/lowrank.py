@@ -19,7 +19,7 @@ from reparam.structure import LowRank, Scaled
 def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False, method: str = "lora") -> float:
     """``s = α/r`` (LoRA) or ``α/√r`` (rsLoRA, Kalajdzievski 2023); ``α = r`` when ``alpha`` is None.
     Checks ``rank`` and ``alpha`` first (an error names ``method``)."""
-    check_hparams(method, {"r": rank, **({} if alpha is None else {"alpha": alpha})})
+    check_hparams(method, {"r": rank, "rslora": rslora, **({} if alpha is None else {"alpha": alpha})})
     alpha = rank if alpha is None else alpha
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 

@@ -45,8 +45,11 @@ def test_data_split_and_tasks():
 def test_method_names():
     assert M.names("lora, pissa") == ["lora", "pissa"]
     assert M.names(["eva"]) == ["eva"]
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(rp.ReparamError, match="unknown methods"):
         M.names("lora,nope")
+    with pytest.raises(rp.ReparamError, match=r"methods \['lora'\] listed twice in 'lora, pissa,lora' \(a method's "
+                                              r"phase runs once\); drop the repeats"):
+        M.names("lora, pissa,lora")
 
 
 @pytest.mark.parametrize("name", list(M.METHODS))

@@ -396,6 +396,8 @@ def test_transform_identity_is_structured(tmp_path):
     (lambda: rp.krona(scale=0.0), r"krona: s=0.0 must be a finite non-zero number"),
     (lambda: rp.sparse.random(k=3, scale=float("nan")), r"sparse.random: scale=nan must be a finite non-zero"),
     (lambda: rp.eva_allocate({}, 0), r"eva_allocate: rank=0 must be a positive int"),
+    (lambda: rp.lora(2, rslora="no"), r"rslora: rslora='no' must be True or False"),
+    (lambda: rp.dora(2, rslora=1), r"dora: rslora=1 must be True or False"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_hyperparameters_fail_at_construction(make, message):
     """Ranks, counts, alpha and density are checked when the transform is made: the error names the method,

@@ -52,6 +52,8 @@ def test_unknown_keys_are_listed_with_near_matches(get_config, key, message):
     ({"alpha": -16.0}, r"method 'lora': lora: alpha=-16.0 must be a finite number > 0"),
     ({"methods": "sparse", "density": 2.0}, r"method 'sparse': sparse.random: density=2.0 must be in \(0, 1\]"),
     ({"adapt_steps": 0, "batch_size": -1}, r"adapt_steps=0 must be an int >= 1; config.batch_size=-1 must be"),
+    ({"hidden": (16, 0)}, r"config.hidden=\(16, 0\) must be ints >= 1 \(MLP widths\)"),
+    ({"methods": "lora,lora"}, r"methods \['lora'\] listed twice"),
 ], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
 def test_out_of_range_values_are_refused_before_anything_runs(tmp_path, overrides, message):
     config = _config(tmp_path, **overrides)
