@@ -299,14 +299,20 @@ class Plan:
     def structures(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> list:
         """Per leaf, ``(base, s)`` where its transform declares a ΔW structure (:mod:`reparam.structure`):
         the frozen base as its ``[*stacked, d_in, d_out]`` matrix view and the structure (batched over
-        stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes."""
+        stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes. The
+        base is a :class:`reparam.views.Matrix` where that defers work to the op, per layer (a quantised base
+        dequantised there, a view that needs a transpose transposed there: :func:`reparam.views.matrix`), and
+        the matrix itself otherwise (a quantised base whose stacked axes do not lead dequantised here)."""
         out = []
+        stored = self.treedef.flatten_up_to(frozen)
         for i, leaf, f, tr, kw in self._entries(frozen, trainable):
             t = leaf.transform
             if t is None or t.structure is None or leaf.view is None:
                 out.append(None)
             else:
-                out.append((views.to_matrix(leaf.view, f["base"]), t.structure(f, tr, **self._kw(t, kw, rng, i))))
+                base = views.matrix(stored[i]["base"], leaf.view)
+                base = views.to_matrix(leaf.view, f["base"]) if base is None else base
+                out.append((base, t.structure(f, tr, **self._kw(t, kw, rng, i))))
         return out
 
     def merge(self, frozen: PyTree, trainable: PyTree) -> PyTree:
