@@ -64,6 +64,12 @@ def test_matches_the_reference_loop_and_peft_split():
     a, b = tr["w"]["A"], tr["w"]["B"]
     np.testing.assert_allclose(a.T @ a, np.diag(sv[:r]), atol=1e-4 * sv[0])
     np.testing.assert_allclose(b @ b.T, np.diag(sv[:r]), atol=1e-4 * sv[0])
+    import torch                                                # PEFT's own split, on torch's [out, in] error
+    from peft.utils.loftq_utils import _low_rank_decomposition
+    d = _low_rank_decomposition(torch.tensor((w - q).T.copy()), reduced_rank=r)
+    lora_a, lora_b = d["R"].numpy().T, d["L"].numpy().T         # its lora_A.T, lora_B.T: our A, B up to signs
+    np.testing.assert_allclose(np.abs(a), np.abs(lora_a), atol=1e-4)
+    np.testing.assert_allclose(np.abs(b), np.abs(lora_b), atol=1e-4)
 
 
 def test_from_pissa_beats_qpissa():
