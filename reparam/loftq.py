@@ -22,12 +22,13 @@ components the start: ``Q_1`` is QPiSSA's base and the SVD refits the adapter to
 than QPiSSA) -- and far better than LoRA's start from zero when the spectrum decays (tests/test_loftq.py, rank 8
 of a 128×64 weight: 0.17× plain nf4's error from PiSSA, 0.74× from zero at T=1; 0.14× and 0.67× at T=5).
 
-PEFT (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=T))``) runs the
-same loop on ``[out, in]`` weights, through bitsandbytes (0.21: nf4 blocks of 64 along ``in`` -- our default
-blocks along ``d_in`` -- or int8 per output row, our ``int8``; no CPU path, so the tests check the loop and its
-``_low_rank_decomposition`` split, not its output) and splits ``√S`` evenly (its ``lora_B = U√S``, ``lora_A =
-√S Vᵀ``, our ``B.T`` and ``A.T``), but ignores the LoRA scale: its fresh adapter adds ``(α/r)·U S Vᵀ``, the correction only when ``α = r``. Here the scale is divided out,
-so the adapter absorbs the error for any ``α`` (and rsLoRA's ``α/√r``); at ``α = r`` the two agree.
+PEFT (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=T))``) runs the same
+loop on ``[out, in]`` weights, through bitsandbytes (0.21: nf4 blocks of 64 along ``in`` -- our default blocks along
+``d_in`` -- or int8 per output row, our ``int8``; no CPU path, so the tests check the loop and its
+``_low_rank_decomposition`` split, not its output) and splits ``√S`` evenly (its ``lora_B = U√S``, ``lora_A = √S
+Vᵀ``, our ``B.T`` and ``A.T``), but ignores the LoRA scale: its fresh adapter adds ``(α/r)·U S Vᵀ``, the correction
+only when ``α = r``. Here the scale is divided out, so the adapter absorbs the error for any ``α`` (and rsLoRA's
+``α/√r``); at ``α = r`` the two agree.
 
 Which transforms it serves: any whose trainables are exactly ``{A, B}`` and whose ``W = base + s·A@B`` for one
 scalar ``s`` (LoRA, rsLoRA, PiSSA, MiLoRA, CorDA, EVA): checked on the plan's own ``apply`` with random
