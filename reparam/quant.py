@@ -8,6 +8,8 @@
 QPiSSA from full-precision weights: initialise on them, then quantise the frozen bases (the residuals):
 ``frozen = quantize(frozen, "nf4", where=r".*kernel/base")``. Given quantised params instead, the plan
 decomposes the dequantised weight and re-quantises the residual in the base's own format (:func:`rebase`).
+An adapter that absorbs the quantisation error at init (LoftQ's alternating quantise / SVD, INT2.1's one SVD of
+the error) needs the full-precision weights and the format: :func:`reparam.loftq.loftq` (``rp.loftq``).
 
 A :class:`QArray` is a pytree: its children are the arrays (``codes``, ``scales``, optional ``mins``), its
 static aux data the format, block size, block axis and logical dtype; the logical shape is derived from the
