@@ -334,9 +334,10 @@ def derive(fn, params, example: tuple, paths) -> dict[str, list[tuple]]:
     """``{path: [(stacked, inputs, outputs), ...]}``: the kernel axes each ``dot_general`` of ``fn(params,
     *example)`` treats as stacked layers (dot batch axes, scanned or sliced one layer at a time), contracts
     and keeps, for the leaves at ``paths``, from an abstract trace (nothing runs)."""
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    flat, tree = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)   # a QArray: its logical array
     from reparam.plan import path_str            # (plan imports views)
-    abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)) for _, x in flat]
+    abstract = [jax.ShapeDtypeStruct(tuple(getattr(x, "shape", np.shape(x))), getattr(x, "dtype", np.asarray(x).dtype))
+                for _, x in flat]
     closed = jax.make_jaxpr(lambda ps, *ex: fn(jax.tree_util.tree_unflatten(tree, ps), *ex))(abstract, *example)
     jaxpr = closed.jaxpr
     tracks = {}
