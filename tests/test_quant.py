@@ -304,3 +304,42 @@ def test_minilm_lora_step_on_an_nf4_base_holds_no_f32_copy_of_it():
     assert args + temp < f32_model, (args, temp, f32_model)
     assert temp - temp_f32 < 2 * largest, (temp, temp_f32, largest)
     assert not xtg and not stats["f32"][2], xtg
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tests.methods", fromlist=["METHODS"]).METHODS))
+def test_every_registered_method_on_an_nf4_base(name):
+    """Every method of every family (tests/methods*.py) on an nf4 base ``[64, 48]`` at rank 4: the fresh adapter
+    leaves the dequantised base (to the method's own init tolerance; a method that rewrites the base -- the
+    SVD family's residual, re-quantised -- to within nf4's error); merge equals apply; five Adam steps of the
+    hot-path train step on the quantised base lower the loss."""
+    from tests import methods as M
+    factory, _, tol = M.METHODS[name][:3]
+    d_in, d_out, r = 64, 48, 4
+    if not M.valid(name, d_in, d_out, r):
+        d_in, d_out = 64, 64
+    assert M.valid(name, d_in, d_out, r), name
+    k = jax.random.split(jax.random.key(0), 3)
+    w = jnp.asarray(M.normal(k[0], (d_in, d_out), 1 / 8))
+    q = {"w": quant.quantize_array(w, "nf4")}
+    w0 = quant.dequantize(q["w"])
+    t = factory(r)
+    plan = rp.plan([("w", t)], q)
+    frozen, trainable = plan.init(k[1], q, M.calib_for(t, "w", w0, k[2]))
+    out = plan.apply(frozen, trainable)["w"]
+    if quant.is_quantized(frozen["w"].get("base")) and frozen["w"]["base"] is not q["w"]:   # re-quantised residual
+        assert float(jnp.abs(out - w0).max()) <= GAP / 2 * float(jnp.abs(w0).max()) * 1.5
+    else:
+        np.testing.assert_allclose(out, w0, atol=max(tol, 1e-6) * float(jnp.abs(w0).max()) * 10)
+    np.testing.assert_allclose(plan.merge(frozen, trainable)["w"], out, atol=1e-6)
+
+    x = jnp.asarray(M.normal(k[2], (32, d_in)))
+    target = jnp.asarray(M.normal(k[0], (32, d_out)))
+    loss = lambda p, b, rng: jnp.mean((b @ p["w"] - target) ** 2)
+    opt = optax.adam(1e-2)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    state = rp.train.init_state(trainable, opt, jax.random.key(2))
+    losses = []
+    for _ in range(5):
+        state, m = step(state, frozen, x)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0], losses
