@@ -235,17 +235,24 @@ def rebase(frozen: dict, q, w, path: str = "array") -> dict:
     return {**frozen, "base": q if frozen["base"] is w else requantize(frozen["base"], q, path)}
 
 
+NOT_WEIGHTS = r"(.*/)?([^/]*(norm|scale|bias|embed|wte|wpe)[^/]*)(/.*)?"
+"""Paths :func:`quantize` leaves alone by default: norms, scales, biases and embeddings (as QLoRA quantises only
+the linear layers' weights) -- a stacked layer norm ``[layers, d]`` has two dims but is not a weight matrix."""
+
+
 def quantize(params: PyTree, fmt: str, where: Optional[str] = None, **kwargs) -> PyTree:
     """``params`` with each float leaf whose '/'-joined path fullmatches ``where`` (default: every float leaf
-    with >= 2 dims) replaced by its :class:`QArray` in format ``fmt``; ``kwargs`` as :func:`quantize_array`.
-    Leaves already quantised are kept as they are."""
+    with >= 2 dims whose path does not match :data:`NOT_WEIGHTS`: no norm, scale, bias or embedding) replaced by
+    its :class:`QArray` in format ``fmt``; ``kwargs`` as :func:`quantize_array`. Leaves already quantised are
+    kept as they are."""
     from reparam.plan import path_str      # plan imports this module
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     rx = None if where is None else re.compile(where)
     out, hits = [], 0
     for kp, w in flat:
         floating = jnp.issubdtype(getattr(w, "dtype", np.asarray(w).dtype), jnp.floating)
-        hit = (np.ndim(w) >= 2 and floating) if rx is None else bool(rx.fullmatch(path_str(kp)))
+        hit = ((np.ndim(w) >= 2 and floating and not re.fullmatch(NOT_WEIGHTS, path_str(kp))) if rx is None
+               else bool(rx.fullmatch(path_str(kp))))
         hits += hit
         out.append(quantize_array(w, fmt, path=path_str(kp), **kwargs) if hit and not is_quantized(w) else w)
     if rx is not None and not hits:

@@ -343,3 +343,14 @@ def test_every_registered_method_on_an_nf4_base(name):
         state, m = step(state, frozen, x)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0], losses
+
+
+def test_default_where_leaves_norms_and_embeddings_out():
+    """Without ``where``: the weight matrices only -- a stacked norm scale ``[layers, d]`` and the embedding table
+    have two dims but stay as they are."""
+    params = {"embed": {"embedding": jnp.ones((32, 64))}, "layers": {"attn_norm": {"scale": jnp.ones((2, 64))},
+              "q": {"kernel": jnp.ones((2, 64, 64))}}}
+    q = quant.quantize(params, "nf4")
+    assert quant.is_quantized(q["layers"]["q"]["kernel"])
+    assert q["embed"]["embedding"] is params["embed"]["embedding"]
+    assert q["layers"]["attn_norm"]["scale"] is params["layers"]["attn_norm"]["scale"]
