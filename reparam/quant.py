@@ -4,6 +4,7 @@
     plan = rp.plan(rules, q)                        # the plan sees each base's logical shape and dtype
     frozen, trainable = plan.init(key, q)           # bases stay quantised in `frozen`
     params_now = plan.apply(frozen, trainable)      # dequantised inside the jitted loss
+    merged = plan.merge(frozen, trainable, requantize=True)   # the merged weights, nf4 again (deployable)
 
 QPiSSA from full-precision weights: initialise on them, then quantise the frozen bases (the residuals):
 ``frozen = quantize(frozen, "nf4", where=r".*kernel/base")``. Given quantised params instead, the plan

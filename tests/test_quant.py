@@ -232,3 +232,27 @@ def test_weight_deltas_on_a_quantised_base():
     trainable = jax.tree.map(lambda a: a + 0.1, trainable)
     d = rp.weight_deltas(plan, frozen, trainable)["l1/kernel"]
     np.testing.assert_allclose(d, (trainable["l1"]["kernel"]["A"] @ trainable["l1"]["kernel"]["B"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, kw", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {}), ("q4_1", {})],
+                         ids=["nf4", "nf4+dq", "int8", "q4_1"])
+def test_merge_requantized_is_within_the_format_bound_of_the_merge(fmt, kw):
+    """``plan.merge(..., requantize=True)``: each adapted leaf's merged weight in its base's own format (block,
+    axis, double quantisation), dequantising within that format's bound of the full-precision merge -- and
+    not the base's codes again (the adapter moved it); an unadapted quantised leaf is its base, untouched."""
+    params, _ = _mlp()
+    q = quant.quantize(params, fmt, **kw)
+    plan = rp.plan([(r"l1/kernel", rp.lora(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), trainable)
+    merged = plan.merge(frozen, trainable)
+    mq = plan.merge(frozen, trainable, requantize=True)
+    base, got = frozen["l1"]["kernel"]["base"], mq["l1"]["kernel"]
+    assert quant.is_quantized(got) and (got.fmt, got.block, got.axis) == (base.fmt, base.block, base.axis)
+    assert quant.is_quantized(got.scales) == quant.is_quantized(base.scales)
+    assert not np.array_equal(got.codes, base.codes)
+    w = np.asarray(merged["l1"]["kernel"])
+    err = np.abs(_blocks(np.asarray(deq(got)), got) - _blocks(w, got)).max(-1)
+    assert np.all(err <= _bound(w, got)), float((err - _bound(w, got)).max())
+    assert mq["l2"]["kernel"] is frozen["l2"]["kernel"]["base"]
+    np.testing.assert_array_equal(mq["l1"]["bias"], merged["l1"]["bias"])
