@@ -256,3 +256,13 @@ def test_merge_requantized_is_within_the_format_bound_of_the_merge(fmt, kw):
     assert np.all(err <= _bound(w, got)), float((err - _bound(w, got)).max())
     assert mq["l2"]["kernel"] is frozen["l2"]["kernel"]["base"]
     np.testing.assert_array_equal(mq["l1"]["bias"], merged["l1"]["bias"])
+
+
+def test_report_counts_a_prng_key():
+    """VeRA's frozen entry holds its PRNG key: the byte count takes it (8 bytes) as it does any array."""
+    params, _ = _mlp()
+    q = quant.quantize(params, "nf4", where=r"l1/kernel")
+    plan = rp.plan([(r"l1/kernel", rp.vera(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    assert quant.footprint(frozen)["unquantised"] == [3, 64 * 4 + 64 * 4 * 4 + 8, 4 * (64 + 64 * 4 + 1)]
+    assert "frozen: 3,592 bytes (nf4: 1 arrays, 2,304 bytes" in plan.summary(trainable, frozen=frozen)
