@@ -468,7 +468,8 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
     params = task.params
     plan = rp.plan(M.METHODS[name](config), params, stacked=config.get("stacked") or None)
     calib_batches = task.batches(config.seed + 1, 0)
-    calib = M.calibrate(name, plan, config, model=task.model, params=quant.dequantize(params),
+    calib = M.calibrate(name, plan, config, model=task.model,     # the model runs on plain (dequantised) params
+                        params=quant.dequantize(params) if plan.calibrated() else params,
                         batches=[next(calib_batches) for _ in range(config.calib_batches)],
                         loss_fn=lambda p, b: task.loss_fn(p, b)[0], inputs=task.inputs)
     frozen, trainable = plan.init(jax.random.key(config.seed), params, calib)

@@ -111,9 +111,10 @@ LORA_FROZEN = {"none": 2 * 16_384 + 512, "int8": 2 * (4_096 + 256) + 512, "nf4_d
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4_dq", "bf16"])
 def test_base_format_quantises_the_adapted_kernels_for_every_method(tmp_path, capsys, fmt):
-    """LoRA keeps the hidden kernels in the format (its frozen bytes, logged and in the table); full fine-tuning
-    trains them from their dequantised values, and says so."""
-    out = run(_config(tmp_path, hidden=(64, 64), methods="full,lora", base_format=fmt))
+    """LoRA keeps the hidden kernels in the format (its frozen bytes, logged and in the table); CorDA calibrates on
+    the dequantised model and keeps its residuals in the format; full fine-tuning trains the kernels from their
+    dequantised values, and says so."""
+    out = run(_config(tmp_path, hidden=(64, 64), methods="full,lora,corda", base_format=fmt))
     log = capsys.readouterr().out
     lora, full = out["methods"]["lora"], out["methods"]["full"]
     assert lora["frozen_bytes"] == LORA_FROZEN[fmt] < LORA_FROZEN["none"]
@@ -123,6 +124,8 @@ def test_base_format_quantises_the_adapted_kernels_for_every_method(tmp_path, ca
             "in float32; nothing of them stays quantised" in log) == quantised
     held = {"int8": "int8: 2 arrays", "nf4_dq": "nf4: 2 arrays", "bf16": "unquantised: 4 arrays"}[fmt]
     assert f"[lora] frozen: {LORA_FROZEN[fmt]:,} bytes ({held}" in log
+    corda = next(line for line in log.splitlines() if line.startswith("[corda] frozen: "))
+    assert held in corda and 0.0 <= out["methods"]["corda"]["acc"] <= 1.0
     assert out["base_format"]["name"] == fmt and out["precision"]["base"] == ("bfloat16,float32" if fmt == "bf16"
                                                                               else "float32")
     assert 0.0 <= lora["acc"] <= 1.0 and math.isfinite(lora["test_loss"])
