@@ -4,6 +4,7 @@
     plan = rp.plan(rules, q)                        # the plan sees each base's logical shape and dtype
     frozen, trainable = plan.init(key, q)           # bases stay quantised in `frozen`
     params_now = plan.apply(frozen, trainable)      # dequantised inside the jitted loss
+    merged = plan.merge(frozen, trainable, requantize=True)   # the merged weights, nf4 again (deployable)
 
 QPiSSA from full-precision weights: initialise on them, then quantise the frozen bases (the residuals):
 ``frozen = quantize(frozen, "nf4", where=r".*kernel/base")``. Given quantised params instead, the plan
@@ -302,15 +303,21 @@ def describe(x) -> str:
     return f"{np.dtype(x.dtype).name} {int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize:,} B"
 
 
-def report(frozen: PyTree) -> str:
-    """One line: the frozen tree's bytes, and per format its bases, their bytes and what they would be in f32."""
+def footprint(tree: PyTree) -> dict[str, list[int]]:
+    """``{format: [arrays, bytes held, bytes in f32]}`` over the tree's arrays (``"unquantised"``: plain ones)."""
     per: dict[str, list[int]] = {}
-    for x in jax.tree_util.tree_leaves(frozen, is_leaf=is_quantized):
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized):
         fmt = x.fmt if is_quantized(x) else "unquantised"
         n = int(np.prod(x.shape))
-        nbytes = x.nbytes if is_quantized(x) else n * np.dtype(x.dtype).itemsize
+        nbytes = x.nbytes if is_quantized(x) else n * x.dtype.itemsize      # a PRNG key's dtype has one too
         c = per.setdefault(fmt, [0, 0, 0])
         c[0], c[1], c[2] = c[0] + 1, c[1] + nbytes, c[2] + 4 * n
+    return per
+
+
+def report(frozen: PyTree) -> str:
+    """One line: the frozen tree's bytes, and per format its bases, their bytes and what they would be in f32."""
+    per = footprint(frozen)
     total = sum(c[1] for c in per.values())
     parts = [f"{fmt}: {c[0]} arrays, {c[1]:,} bytes" + (f" ({c[1] / c[2]:.3f} of f32)" if fmt != "unquantised" else "")
              for fmt, c in sorted(per.items())]

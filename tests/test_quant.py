@@ -354,3 +354,37 @@ def test_default_where_leaves_norms_and_embeddings_out():
     assert quant.is_quantized(q["layers"]["q"]["kernel"])
     assert q["embed"]["embedding"] is params["embed"]["embedding"]
     assert q["layers"]["attn_norm"]["scale"] is params["layers"]["attn_norm"]["scale"]
+
+
+@pytest.mark.parametrize("fmt, kw", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {}), ("q4_1", {})],
+                         ids=["nf4", "nf4+dq", "int8", "q4_1"])
+def test_merge_requantized_is_within_the_format_bound_of_the_merge(fmt, kw):
+    """``plan.merge(..., requantize=True)``: each adapted leaf's merged weight in its base's own format (block,
+    axis, double quantisation), dequantising within that format's bound of the full-precision merge -- and
+    not the base's codes again (the adapter moved it); an unadapted quantised leaf is its base, untouched."""
+    params, _ = _mlp()
+    q = quant.quantize(params, fmt, **kw)
+    plan = rp.plan([(r"l1/kernel", rp.lora(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), trainable)
+    merged = plan.merge(frozen, trainable)
+    mq = plan.merge(frozen, trainable, requantize=True)
+    base, got = frozen["l1"]["kernel"]["base"], mq["l1"]["kernel"]
+    assert quant.is_quantized(got) and (got.fmt, got.block, got.axis) == (base.fmt, base.block, base.axis)
+    assert quant.is_quantized(got.scales) == quant.is_quantized(base.scales)
+    assert not np.array_equal(got.codes, base.codes)
+    w = np.asarray(merged["l1"]["kernel"])
+    err = np.abs(_blocks(np.asarray(deq(got)), got) - _blocks(w, got)).max(-1)
+    assert np.all(err <= _bound(w, got)), float((err - _bound(w, got)).max())
+    assert mq["l2"]["kernel"] is frozen["l2"]["kernel"]["base"]
+    np.testing.assert_array_equal(mq["l1"]["bias"], merged["l1"]["bias"])
+
+
+def test_report_counts_a_prng_key():
+    """VeRA's frozen entry holds its PRNG key: the byte count takes it (8 bytes) as it does any array."""
+    params, _ = _mlp()
+    q = quant.quantize(params, "nf4", where=r"l1/kernel")
+    plan = rp.plan([(r"l1/kernel", rp.vera(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    assert quant.footprint(frozen)["unquantised"] == [3, 64 * 4 + 64 * 4 * 4 + 8, 4 * (64 + 64 * 4 + 1)]
+    assert "frozen: 3,592 bytes (nf4: 1 arrays, 2,304 bytes" in plan.summary(trainable, frozen=frozen)
