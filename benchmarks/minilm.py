@@ -242,10 +242,11 @@ def measure(name: str, mode: str, plan, frozen, trainable, loss_fn, batch, args)
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def run_child(module: str, spec: str, args) -> dict:
-    """Runs one configuration in a fresh process; its JSON line, or ``{"error": ...}``."""
+def run_child(module: str, spec: str, args, extra=()) -> dict:
+    """Runs one configuration in a fresh process (with the flags ``extra`` too); its JSON line, or
+    ``{"error": ...}``."""
     cmd = [sys.executable, "-m", module, f"--child={spec}", f"--batch={args.batch}", f"--seq={args.seq}",
-           f"--warmup={args.warmup}", f"--steps={args.steps}"]
+           f"--warmup={args.warmup}", f"--steps={args.steps}", *extra]
     side = "peft" if module.rsplit(".", 1)[-1].startswith("peft_") else "reparam"
     env = dict(os.environ)
     if args.huge_pages in (side, "both"):

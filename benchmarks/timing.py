@@ -7,12 +7,20 @@ import jax
 import numpy as np
 
 
-def peak_bytes(compiled) -> int:
-    """XLA's estimate of a compiled executable's peak memory: arguments + outputs + temporaries − aliased."""
+def memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled executable, in bytes: ``argument``, ``output``, ``temp``, ``alias`` and
+    ``peak`` (arguments + outputs + temporaries − aliased); ``{}`` where the backend gives none."""
     m = compiled.memory_analysis()
     if m is None:
-        return -1
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    return {**out, "peak": out["argument"] + out["output"] + out["temp"] - out["alias"]}
+
+
+def peak_bytes(compiled) -> int:
+    """XLA's estimate of a compiled executable's peak memory: arguments + outputs + temporaries − aliased; -1
+    where the backend gives no analysis."""
+    return memory(compiled).get("peak", -1)
 
 
 def run_steps(step, state, frozen, batch, warmup: int, repeats: int):

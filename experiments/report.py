@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLUMNS = ("method", "transform", "test acc", "trainable", "% total", "step ms", "x full", "tok/s", "peak MB")
+COLUMNS = ("method", "transform", "test acc", "trainable", "% total", "step ms", "x full", "tok/s", "frozen MB",
+           "peak MB")
 MB = 1e6          # the table's megabytes
 
 
@@ -63,11 +64,12 @@ def _mb(n: Optional[float]) -> str:
 
 
 def table(results: dict) -> str:
-    """The results table: one row per method, then the precision line and the task's notes (the base
-    model, the untrained head's accuracy).
+    """The results table: one row per method, then the precision and base-format lines and the task's notes
+    (the base model, the untrained head's accuracy).
 
     ``tok/s``: tokens (batch x sequence length, padding included) per second of the median step, for
-    tasks on sequences. ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
+    tasks on sequences. ``frozen MB``: the bytes of the method's frozen tree (its bases -- quantised where
+    ``base_format`` says so -- and constants; ``-`` for a result written before it was recorded). ``peak MB`` is XLA's compiled estimate for the train step (arguments + outputs + temporaries -
     donated aliases); a ``device MB`` column (the device's high-water mark so far) is added where the
     backend reports one (GPU, TPU).
     """
@@ -80,7 +82,8 @@ def table(results: dict) -> str:
         ratio = f"{r['step_ms'] / base_ms:.2f}" if base_ms else "-"
         row = (name, r["transform"], f"{100 * r['acc']:.1f}%", f"{r['trainable']:,}",
                f"{r['pct_trainable']:.2f}%", f"{r['step_ms']:.3f}", ratio,
-               f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-", _mb(r.get("peak_bytes")))
+               f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-", _mb(r.get("frozen_bytes")),
+               _mb(r.get("peak_bytes")))
         rows.append(row + ((_mb(r.get("device_peak_bytes")),) if device else ()))
     widths = [max(len(row[j]) for row in rows) for j in range(len(columns))]
     fmt = lambda row: "  ".join(x.ljust(w) if j < 2 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
@@ -89,6 +92,9 @@ def table(results: dict) -> str:
     if prec:
         lines.append(f"precision: base weights {prec['base']}, trainables and optimizer state "
                      f"{prec['trainable']}; remat {'on' if prec['remat'] else 'off'}")
+    fmt = results.get("base_format")
+    if fmt:
+        lines.append(f"base format: {fmt['name']}: the adapted kernels ('{fmt['adapted']}') {fmt['what']}")
     return "\n".join(lines + list(results.get("notes", [])))
 
 

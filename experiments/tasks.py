@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from reparam import quant
 
 PyTree = Any
 Metrics = Callable[[PyTree], dict]
@@ -185,21 +186,28 @@ def smollm_tweets(config: ml_collections.ConfigDict, dtype: Any = jnp.float32) -
     where that is > 0) on the tweets as instruction following (:func:`experiments.data.tweets.chat_examples`,
     ``config.seq_len`` tokens). Trained on the answer tokens' loss; monitored on the first
     ``config.val_examples`` validation tweets, tested on the first ``config.test_examples`` test tweets (0: all
-    3,724); accuracy from the label words' log-likelihood, loss = cross-entropy over the three label words."""
+    3,724); accuracy from the label words' log-likelihood, loss = cross-entropy over the three label words.
+    With ``config.base_format == "gguf"`` the params hold the file's own Q4_1 / Q8_0 blocks (``load_smollm2(
+    blocks=True)``; :func:`experiments.run.format_base` then keeps the adapted kernels' only); else the f32
+    dequantisation, cast to ``dtype``."""
     from experiments.data import tweets as data
     from experiments.models import llama
     overrides = {"layers": config.layers} if config.get("layers", 0) else {}
-    model, params, tok = llama.load_smollm2(scan=bool(config.get("scan", True)),
+    blocks = config.get("base_format", "none") == "gguf"
+    model, params, tok = llama.load_smollm2(blocks, scan=bool(config.get("scan", True)),
                                             dtype=config.get("compute_dtype", "float32"), **overrides)
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    params = jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(dtype), params,
+                          is_leaf=quant.is_quantized)
     splits = data.chat_examples(tok, seq_len=config.seq_len, seed=config.data_seed)
     loss_fn, metrics_fn, label_logits = answer_fns(model, splits.pop("label_ids"))
     val = {k: v[:config.val_examples] for k, v in splits["validation"].items()}
     test = {k: v[:config.get("test_examples", 0) or None] for k, v in splits["test"].items()}
     evaluate = split_metrics(label_logits, config.eval_chunk)
     n_test = len(test["label"])
-    notes = [f"SmolLM2-135M-Instruct ({model.cfg.layers} of 30 layers, {sum(x.size for x in jax.tree.leaves(params)):,}"
-             f" params, GGUF Q4_1 dequantised, base weights {jnp.dtype(dtype).name}, compute {model.cfg.dtype}); "
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
+    notes = [f"SmolLM2-135M-Instruct ({model.cfg.layers} of 30 layers, {n_params:,} params, GGUF Q4_1 "
+             f"{'blocks kept' if blocks else 'dequantised'}, base weights {jnp.dtype(dtype).name}, compute "
+             f"{model.cfg.dtype}); "
              f"tweets as chat turns, loss on the answer tokens; {len(splits['train']['label']):,} train / "
              f"{len(val['label']):,} validation / {n_test:,} test (of {len(splits['test']['label']):,}), "
              f"{config.seq_len} tokens; {config.adapt_steps} steps x {config.batch_size} per method"]

@@ -18,6 +18,8 @@ The public API, as a table of contents:
   compose     merge_adapters (task arithmetic, composable SFT), weight_deltas, orthogonality_penalty
   quant       quantised frozen bases: QArray, quantize(params, "int8"|"nf4"|"q4_1"|"q8_0", where=), dequantize,
               from_gguf_tensor (GGUF Q4_1 / Q8_0 blocks as they are); plan.init keeps bases quantised
+  loftq       loftq(plan, key, params, fmt, iters=T): a quantised base whose low-rank adapter absorbs its error
+              (LoftQ; iters=1: INT2.1's low-rank error correction)
   calibrate   capture_inputs (layer-input covariance), capture_grads (full-FT gradient)
   matmul      the hot path: structured_matmul (one custom VJP over every structure), cotangent_barrier,
               norm_barriers (after linen LayerNorm/RMSNorm)
@@ -37,6 +39,7 @@ from reparam.compose import merge_adapters, orthogonality_penalty, weight_deltas
 from reparam.core import Basis, Reparam, ReparamError, add, additive, frozen, full, in_basis
 from reparam.kronecker import compacter, factorization, kron_matmul, krona, lokr, soka
 from reparam.linalg import truncated_svd
+from reparam.loftq import loftq
 from reparam.lowrank import dora, dylora, lora, lora_xs
 from reparam.plan import Plan, plan
 from reparam.random_basis import nola, randlora, vera
@@ -53,5 +56,5 @@ __all__ = [
     "krona", "lokr", "compacter", "soka", "factorization", "kron_matmul", "kronecker",
     "sparse", "compose", "Basis", "in_basis", "wavelet_basis", "dct_basis", "fourier_basis", "waveft", "wara",
     "fourierft", "merge_adapters", "weight_deltas", "orthogonality_penalty",
-    "vera", "nola", "randlora", "random_basis", "quant", "matmul", "route", "structure", "sharding", "interop",
+    "vera", "nola", "randlora", "random_basis", "quant", "loftq", "matmul", "route", "structure", "sharding", "interop",
 ]

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reparam import sampled
+from reparam import sampled, views
 from reparam.structure import _lazy, prefer_factored, split
 
 Array = jax.Array
@@ -44,7 +44,9 @@ Array = jax.Array
 
 # --- the op -------------------------------------------------------------------------------------
 def _weight(base, inner, dtype):
-    """``W0 + inner`` in the base's dtype (the sum in f32), then in the compute dtype."""
+    """``W0 + inner`` in the base's dtype (the sum in f32), then in the compute dtype (a quantised base
+    dequantised here, for this layer only)."""
+    base = views.materialise(base)
     return (base.astype(jnp.float32) + inner.dense(base.shape)).astype(base.dtype).astype(dtype)
 
 
@@ -61,22 +63,36 @@ def _grad(s, x, g):
 @jax.custom_vjp
 def _materialised(x, base, s):
     inner, right = split(s)
-    z = x @ _weight(base, inner, x.dtype)
+    z = x @ _weight(*_tied((base, inner), x), x.dtype)
     return z if right is None else right.times(z)
 
 
 def _materialised_fwd(x, base, s):
     inner, right = split(s)
-    z = x @ _weight(base, inner, x.dtype)
+    z = x @ _weight(*_tied((base, inner), x), x.dtype)
     # the residuals are the frozen base and the structure, not W: a weight-sized residual per layer would be
     # stacked by a scan over layers (and kept alive by any model); the backward forms W again (d_in·d_out·r)
     return (z, (x, base, None, s)) if right is None else (right.times(z), (x, base, z, s))
 
 
+def _tied(tree, t):
+    """``tree`` (a base and a structure) made to depend on the array ``t`` (the layer's input, or its output's
+    cotangent): every array plus a zero computed from ``t`` at run time. A layer's weight-sized intermediates
+    formed from it -- a quantised base's f32 dequantisation, ``ΔW``, ``W0 + ΔW`` -- then exist only from
+    when ``t`` does to their one use: XLA can neither compute every layer's at the start (its scheduler
+    would, as they depend on parameters only) nor share the forward's with the backward (common-subexpression
+    elimination), either of which keeps one per layer alive at once -- for a quantised base, the whole
+    model in f32. (XLA:CPU expands ``optimization_barrier`` before it eliminates common subexpressions, so a
+    barrier does not do this.)"""
+    t0 = t.reshape(-1)[0].astype(jnp.float32)
+    zero = jnp.where(jnp.isfinite(t0), t0 * 0, 0)       # 0 at run time, unknown to the compiler
+    return jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), tree)
+
+
 def _materialised_bwd(res, g):
     x, base, z, s = res
     inner, right = split(s)
-    v = _weight(base, inner, x.dtype)
+    v = _weight(*_tied((base, inner), g), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
     return gz @ v.T, None, d_inner if right is None else right.r_pullback(z, g, d_inner)
@@ -85,9 +101,31 @@ def _materialised_bwd(res, g):
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)
 
 
+@jax.custom_vjp
+def _deferred_product(x, base):
+    """``x @ W0`` for a deferred base (:class:`reparam.views.Matrix`: quantised, or transposed into its view),
+    whose backward forms ``W0`` again rather than keeping the forward's as autodiff's residual."""
+    return x @ _tied(base, x).array().astype(x.dtype)
+
+
+def _deferred_product_bwd(base, g):
+    return g @ _tied(base, g).array().astype(g.dtype).T, None
+
+
+_deferred_product.defvjp(lambda x, base: (_deferred_product(x, base), base), _deferred_product_bwd)
+
+
+def _frozen_product(x, base):
+    """``x @ W0`` with no gradient for ``W0``."""
+    base = jax.lax.stop_gradient(base)
+    return _deferred_product(x, base) if isinstance(base, views.Matrix) else x @ base.astype(x.dtype)
+
+
 def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = None) -> Array:
-    """``x @ W`` for ``x [N, d_in]``, ``base [d_in, d_out]`` (frozen) and a structure ``s``: ``W = base + ΔW``,
-    or ``(base + inner)·R`` for a right-multiplicative one (:mod:`reparam.structure`).
+    """``x @ W`` for ``x [N, d_in]``, ``base [d_in, d_out]`` (frozen; an array or a quantised
+    :class:`reparam.views.Matrix`, dequantised inside the op in the forward and again in the backward) and a
+    structure ``s``: ``W = base + ΔW``, or ``(base + inner)·R`` for a right-multiplicative one
+    (:mod:`reparam.structure`).
 
     ``factored=None`` picks the cheaper forward (:func:`prefer_factored`). Both
     paths give the same values and gradients as plain autodiff through the
@@ -99,7 +137,7 @@ def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = No
         return _materialised(x, jax.lax.stop_gradient(base), s)
     # plain autodiff of the factored form is already rank-r / vec-trick / support-only
     inner, right = split(s)
-    z = x @ jax.lax.stop_gradient(base).astype(x.dtype) + inner.matvec(x)
+    z = _frozen_product(x, base) + inner.matvec(x)
     return z if right is None else right.times(z)
 
 

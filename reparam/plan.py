@@ -5,6 +5,7 @@
     frozen, trainable = plan.init(key, params)
     params_now = plan.apply(frozen, trainable)      # inside the jitted loss
     merged = plan.merge(frozen, trainable)          # plain params, no inference cost
+    merged_q = plan.merge(frozen, trainable, requantize=True)   # quantised bases: merged in their own formats
     print(plan.summary(trainable))
 
 Paths are the '/'-joined key paths of the pytree (a linen variables dict or an
@@ -17,7 +18,8 @@ structure with, at each leaf, the dicts its transform returned.
 A leaf may be a quantised array (:class:`reparam.quant.QArray`): the plan sees its logical shape and dtype,
 each transform is initialised from the dequantised weight, and ``frozen`` keeps the base quantised (a
 rewritten base, PiSSA's residual, is re-quantised in the same format: QPiSSA); ``apply`` / ``merge``
-dequantise every quantised array in ``frozen`` where it is used.
+dequantise every quantised array in ``frozen`` where it is used (``merge(..., requantize=True)``: the merged
+weights quantised again, each in its base's format).
 """
 from __future__ import annotations
 
@@ -299,19 +301,42 @@ class Plan:
     def structures(self, frozen: PyTree, trainable: PyTree, rng: Optional[jax.Array] = None) -> list:
         """Per leaf, ``(base, s)`` where its transform declares a ΔW structure (:mod:`reparam.structure`):
         the frozen base as its ``[*stacked, d_in, d_out]`` matrix view and the structure (batched over
-        stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes."""
+        stacked axes); ``None`` elsewhere. What the train step's routing (:mod:`reparam.route`) consumes. The
+        base is a :class:`reparam.views.Matrix` where that defers work to the op, per layer (a quantised base
+        dequantised there, a view that needs a transpose transposed there: :func:`reparam.views.matrix`), and
+        the matrix itself otherwise (a quantised base whose stacked axes do not lead dequantised here)."""
         out = []
+        stored = self.treedef.flatten_up_to(frozen)
         for i, leaf, f, tr, kw in self._entries(frozen, trainable):
             t = leaf.transform
             if t is None or t.structure is None or leaf.view is None:
                 out.append(None)
             else:
-                out.append((views.to_matrix(leaf.view, f["base"]), t.structure(f, tr, **self._kw(t, kw, rng, i))))
+                base = views.matrix(stored[i]["base"], leaf.view)
+                base = views.to_matrix(leaf.view, f["base"]) if base is None else base
+                out.append((base, t.structure(f, tr, **self._kw(t, kw, rng, i))))
         return out
 
-    def merge(self, frozen: PyTree, trainable: PyTree) -> PyTree:
-        """Bakes every transform into plain params (eval mode): zero inference cost."""
-        return jax.jit(self.apply)(frozen, trainable)
+    def merge(self, frozen: PyTree, trainable: PyTree, *, requantize: bool = False) -> PyTree:
+        """Bakes every transform into plain params (eval mode): zero inference cost.
+
+        Full-precision weights (each in its logical dtype), quantised bases dequantised. ``requantize=True``:
+        each adapted leaf whose frozen base is quantised comes back quantised as that base is
+        (:func:`reparam.quant.requantize`: its format, block, axis and double quantisation), so the merged
+        model is held in the base's own bytes, within that format's error of the full-precision merge; a leaf
+        no rule adapts keeps its quantised base as it is (no round trip), and a leaf trained in full (no frozen
+        base) stays full precision."""
+        merged = jax.jit(self.apply)(frozen, trainable)
+        if not requantize:
+            return merged
+        out = []
+        for leaf, w, f in zip(self.leaves, self.treedef.flatten_up_to(merged), self.treedef.flatten_up_to(frozen)):
+            base = f.get("base")
+            if not quant.is_quantized(base):
+                out.append(w)
+            else:
+                out.append(base if leaf.transform is None else quant.requantize(w, base, leaf.path))
+        return self.treedef.unflatten(out)
 
     def penalty(self, frozen: PyTree, trainable: PyTree):
         """Sum of the regularisers the transforms define (e.g. SORSA); 0.0 when none do."""

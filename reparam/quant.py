@@ -4,10 +4,13 @@
     plan = rp.plan(rules, q)                        # the plan sees each base's logical shape and dtype
     frozen, trainable = plan.init(key, q)           # bases stay quantised in `frozen`
     params_now = plan.apply(frozen, trainable)      # dequantised inside the jitted loss
+    merged = plan.merge(frozen, trainable, requantize=True)   # the merged weights, nf4 again (deployable)
 
 QPiSSA from full-precision weights: initialise on them, then quantise the frozen bases (the residuals):
 ``frozen = quantize(frozen, "nf4", where=r".*kernel/base")``. Given quantised params instead, the plan
 decomposes the dequantised weight and re-quantises the residual in the base's own format (:func:`rebase`).
+An adapter that absorbs the quantisation error at init (LoftQ's alternating quantise / SVD, INT2.1's one SVD of
+the error) needs the full-precision weights and the format: :func:`reparam.loftq.loftq` (``rp.loftq``).
 
 A :class:`QArray` is a pytree: its children are the arrays (``codes``, ``scales``, optional ``mins``), its
 static aux data the format, block size, block axis and logical dtype; the logical shape is derived from the
@@ -233,17 +236,24 @@ def rebase(frozen: dict, q, w, path: str = "array") -> dict:
     return {**frozen, "base": q if frozen["base"] is w else requantize(frozen["base"], q, path)}
 
 
+NOT_WEIGHTS = r"(.*/)?([^/]*(norm|scale|bias|embed|wte|wpe)[^/]*)(/.*)?"
+"""Paths :func:`quantize` leaves alone by default: norms, scales, biases and embeddings (as QLoRA quantises only
+the linear layers' weights) -- a stacked layer norm ``[layers, d]`` has two dims but is not a weight matrix."""
+
+
 def quantize(params: PyTree, fmt: str, where: Optional[str] = None, **kwargs) -> PyTree:
     """``params`` with each float leaf whose '/'-joined path fullmatches ``where`` (default: every float leaf
-    with >= 2 dims) replaced by its :class:`QArray` in format ``fmt``; ``kwargs`` as :func:`quantize_array`.
-    Leaves already quantised are kept as they are."""
+    with >= 2 dims whose path does not match :data:`NOT_WEIGHTS`: no norm, scale, bias or embedding) replaced by
+    its :class:`QArray` in format ``fmt``; ``kwargs`` as :func:`quantize_array`. Leaves already quantised are
+    kept as they are."""
     from reparam.plan import path_str      # plan imports this module
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     rx = None if where is None else re.compile(where)
     out, hits = [], 0
     for kp, w in flat:
         floating = jnp.issubdtype(getattr(w, "dtype", np.asarray(w).dtype), jnp.floating)
-        hit = (np.ndim(w) >= 2 and floating) if rx is None else bool(rx.fullmatch(path_str(kp)))
+        hit = ((np.ndim(w) >= 2 and floating and not re.fullmatch(NOT_WEIGHTS, path_str(kp))) if rx is None
+               else bool(rx.fullmatch(path_str(kp))))
         hits += hit
         out.append(quantize_array(w, fmt, path=path_str(kp), **kwargs) if hit and not is_quantized(w) else w)
     if rx is not None and not hits:
@@ -293,15 +303,21 @@ def describe(x) -> str:
     return f"{np.dtype(x.dtype).name} {int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize:,} B"
 
 
-def report(frozen: PyTree) -> str:
-    """One line: the frozen tree's bytes, and per format its bases, their bytes and what they would be in f32."""
+def footprint(tree: PyTree) -> dict[str, list[int]]:
+    """``{format: [arrays, bytes held, bytes in f32]}`` over the tree's arrays (``"unquantised"``: plain ones)."""
     per: dict[str, list[int]] = {}
-    for x in jax.tree_util.tree_leaves(frozen, is_leaf=is_quantized):
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized):
         fmt = x.fmt if is_quantized(x) else "unquantised"
         n = int(np.prod(x.shape))
-        nbytes = x.nbytes if is_quantized(x) else n * np.dtype(x.dtype).itemsize
+        nbytes = x.nbytes if is_quantized(x) else n * x.dtype.itemsize      # a PRNG key's dtype has one too
         c = per.setdefault(fmt, [0, 0, 0])
         c[0], c[1], c[2] = c[0] + 1, c[1] + nbytes, c[2] + 4 * n
+    return per
+
+
+def report(frozen: PyTree) -> str:
+    """One line: the frozen tree's bytes, and per format its bases, their bytes and what they would be in f32."""
+    per = footprint(frozen)
     total = sum(c[1] for c in per.values())
     parts = [f"{fmt}: {c[0]} arrays, {c[1]:,} bytes" + (f" ({c[1] / c[2]:.3f} of f32)" if fmt != "unquantised" else "")
              for fmt, c in sorted(per.items())]

@@ -119,7 +119,7 @@ class Weight:
     def dense(self) -> Array:
         """The array the model would hold: ``W0 + ΔW`` (or DoRA's ``(W0 + inner)·diag(c)``) in its layout."""
         if self._dense is None:
-            f = S.weight
+            f = lambda base, s: S.weight(views.materialise(base), s)
             for _ in self.view[0]:
                 f = jax.vmap(f)
             stack, inp, out = self.view
@@ -176,7 +176,8 @@ def _slice_layer(w: Weight, p) -> Optional[Weight]:
     else:
         take = lambda a: jax.lax.slice_in_dim(a, start, end, axis=k)
         view = w.view
-    return w.like(base=take(w.base), s=jax.tree_util.tree_map(take, w.s), shape=tuple(shape), view=view)
+    sl = lambda t: jax.tree_util.tree_map(take, t)          # the base may be a quantised Matrix's arrays
+    return w.like(base=sl(w.base), s=sl(w.s), shape=tuple(shape), view=view)
 
 
 def _drop_leading_stack(w: Weight) -> Optional[Weight]:

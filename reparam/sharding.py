@@ -27,7 +27,9 @@ What is sharded how:
   ``B [r, d_out]`` like its columns, DoRA's ``m`` and VeRA's ``b [d_out]`` like its columns; a view that
   flattens several kernel axes (``[d, heads, hd] -> [d, heads*hd]``) passes on the spec of the group's
   leading axis when the other axes of the group are unsharded; ``nn.scan`` batch axes keep the base's spec;
-  an array of the kernel's own shape (a rewritten base, ``rp.full``'s ``w``) gets the base's spec.
+  an array of the kernel's own shape (a rewritten base, ``rp.full``'s ``w``) gets the base's spec; a
+  quantised base (:mod:`reparam.quant`) shards its codes, scales and minimums as the weight, axis for axis
+  (the train step dequantises each layer's shard where it lives).
   Kronecker factors, random-basis vectors and keys, sparse values and indices: replicated.
 * Optimizer state follows the trainable specs (:func:`opt_specs`); step and rng are replicated.
 * Batches: the leading dim over the ``data`` and ``fsdp`` axes of the mesh (:func:`data_axes`).
@@ -38,6 +40,7 @@ over ``jax.devices()``, and feed each process's slice of the batch through :func
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -48,7 +51,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from reparam import train
+from reparam import quant, train
 from reparam.core import ReparamError
 from reparam.plan import Plan, path_str
 
@@ -204,8 +207,31 @@ def _group(base: tuple, axes: tuple[int, ...]):
     return base[axes[0]] if all(base[a] is None for a in axes[1:]) else None
 
 
+def _quantised(q: quant.QArray, base: P, mesh) -> quant.QArray:
+    """The specs of a quantised array's arrays (a :class:`reparam.quant.QArray` of PartitionSpecs) from the
+    spec ``base`` of its logical array: ``codes [*rest, n_blocks, bytes]`` and ``scales`` / ``mins
+    [*rest, n_blocks]`` take the spec of the logical axes they hold (the blocked axis's on ``n_blocks``, where
+    it divides); double-quantised scales (a flat ``u8`` array per layer stack) are replicated."""
+    b = tuple(base) + (None,) * (q.ndim - len(base))
+    blocked = q.axis + q.ndim
+    rest = [b[i] for i in range(q.ndim) if i != blocked]
+
+    def fit(entries, shape):
+        return P(*[e if n % _size(e, mesh) == 0 else None for e, n in zip(entries, shape)])
+    rep = lambda x: P(*([None] * np.ndim(x)))
+    scales = (jax.tree_util.tree_map(rep, q.scales) if quant.is_quantized(q.scales)
+              else fit(rest + [b[blocked]], np.shape(q.scales)))
+    return dataclasses.replace(q, codes=fit(rest + [b[blocked], None], np.shape(q.codes)), scales=scales,
+                               mins=None if q.mins is None else fit(rest + [b[blocked]], np.shape(q.mins)))
+
+
 def _derived(leaf, base: P, x, mesh) -> P:
-    """The spec of one array in a leaf's frozen/trainable entry (see :func:`derive`)."""
+    """The spec of one array in a leaf's frozen/trainable entry (see :func:`derive`); for a quantised base, a
+    :class:`reparam.quant.QArray` of its arrays' specs (:func:`_quantised`)."""
+    if quant.is_quantized(x):
+        if tuple(x.shape) == tuple(leaf.shape):
+            return _quantised(x, base, mesh)
+        return _quantised(x, P(), mesh)
     shape, dtype = tuple(np.shape(x)), x.dtype
     rep = P(*([None] * len(shape)))
     if jnp.issubdtype(dtype, jax.dtypes.prng_key):
@@ -244,11 +270,12 @@ def derive(plan: Plan, base_specs: PyTree, frozen: PyTree, trainable: PyTree, me
     of the leaf's matrix view takes the base's input / output spec on those dims (LoRA ``A``, ``B``, DoRA
     ``m``, VeRA ``b``, LoRA-XS ``U``, ``Vt``, S²FT blocks); everything else (Kronecker factors, vectors of
     another length, integer indices) is replicated. A flattened view dim gets the spec of its group's
-    leading kernel axis when only that axis is sharded.
+    leading kernel axis when only that axis is sharded. A quantised base (:mod:`reparam.quant`) has its codes,
+    scales and minimums sharded as the logical weight is, axis for axis.
     """
     bl = plan.treedef.flatten_up_to(base_specs)
     fl, tl = plan.treedef.flatten_up_to(frozen), plan.treedef.flatten_up_to(trainable)
-    fs = [jax.tree_util.tree_map(lambda x, leaf=leaf, s=s: _derived(leaf, s, x, mesh), f)
+    fs = [jax.tree_util.tree_map(lambda x, leaf=leaf, s=s: _derived(leaf, s, x, mesh), f, is_leaf=quant.is_quantized)
           for leaf, s, f in zip(plan.leaves, bl, fl)]
     ts = [jax.tree_util.tree_map(lambda x, leaf=leaf, s=s: _derived(leaf, s, x, mesh), t)
           for leaf, s, t in zip(plan.leaves, bl, tl)]

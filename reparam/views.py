@@ -15,13 +15,16 @@ declaration; anything else is declared with :func:`on_axes`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 
+from reparam import quant
 from reparam.core import Reparam, ReparamError
 
 
@@ -128,6 +131,55 @@ def from_matrix(view: View, m, shape: tuple[int, ...]):
     w = m.reshape(tuple(shape[a] for a in perm))
     inv = tuple(perm.index(a) for a in range(len(shape)))
     return w if inv == tuple(range(len(shape))) else w.transpose(inv)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("w",), meta_fields=("inp", "out"))
+@dataclasses.dataclass(frozen=True)
+class Matrix:
+    """A kernel ``w [*stack, *rest]`` (an array or a quantised :class:`reparam.quant.QArray`) seen as the matrix
+    ``[*stack, d_in, d_out]``, its ``rest`` axes ``inp`` grouped into ``d_in`` and ``out`` into ``d_out``
+    (positions within ``rest``), formed only where it is used: the base the train step's structured op
+    receives (:mod:`reparam.matmul`), one layer at a time -- a quantised base dequantised there, a view that
+    needs a transpose (a fused ``[2, d, ffn]`` gate/up) transposed there -- never a copy of a whole stack of
+    layers or of the whole model. Its stacked axes are ``w``'s leading ones (the codes' and scales' for a
+    ``QArray``), so slicing, vmapping and scanning over layers treat it as the arrays it holds."""
+    w: Any
+    inp: tuple
+    out: tuple
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.w.shape)
+        lead, rest = shape[:len(shape) - len(self.inp) - len(self.out)], shape[len(shape) - len(self.inp) - len(self.out):]
+        return lead + (math.prod(rest[a] for a in self.inp), math.prod(rest[a] for a in self.out))
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def array(self):
+        w = quant.dequantize(self.w)
+        nb = w.ndim - len(self.inp) - len(self.out)
+        perm = tuple(range(nb)) + tuple(nb + a for a in self.inp + self.out)
+        w = w if perm == tuple(range(w.ndim)) else w.transpose(perm)
+        return w.reshape(self.shape)
+
+
+def matrix(w, view: View) -> Optional[Matrix]:
+    """``w``'s :class:`Matrix` under ``view`` when its stacked axes lead (``w`` quantised: and its blocks do not
+    run along one of them); None otherwise, and for a plain array that the view only reshapes (nothing to
+    defer: :func:`to_matrix` is free)."""
+    nb = len(view.batch)
+    if view.batch != tuple(range(nb)) or (quant.is_quantized(w) and w.axis + w.ndim < nb):
+        return None
+    if not quant.is_quantized(w) and view.inp + view.out == tuple(range(nb, len(w.shape))):
+        return None
+    return Matrix(w, tuple(a - nb for a in view.inp), tuple(a - nb for a in view.out))
+
+
+def materialise(base):
+    """The array of a hot-path base: a :class:`Matrix` formed, an array as it is."""
+    return base.array() if isinstance(base, Matrix) else base
 
 
 WEIGHT_SHAPED = ("grad", "diff")   # calibration kinds with the kernel's own shape (capture_grads, sparse.diffs)
@@ -283,9 +335,10 @@ def derive(fn, params, example: tuple, paths) -> dict[str, list[tuple]]:
     """``{path: [(stacked, inputs, outputs), ...]}``: the kernel axes each ``dot_general`` of ``fn(params,
     *example)`` treats as stacked layers (dot batch axes, scanned or sliced one layer at a time), contracts
     and keeps, for the leaves at ``paths``, from an abstract trace (nothing runs)."""
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    flat, tree = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quantized)   # a QArray: its logical array
     from reparam.plan import path_str            # (plan imports views)
-    abstract = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)) for _, x in flat]
+    abstract = [jax.ShapeDtypeStruct(tuple(getattr(x, "shape", np.shape(x))), getattr(x, "dtype", np.asarray(x).dtype))
+                for _, x in flat]
     closed = jax.make_jaxpr(lambda ps, *ex: fn(jax.tree_util.tree_unflatten(tree, ps), *ex))(abstract, *example)
     jaxpr = closed.jaxpr
     tracks = {}

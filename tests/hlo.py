@@ -39,17 +39,22 @@ def all_gathers(hlo_text: str) -> list[tuple[int, ...]]:
 
 def gathered_weights(hlo_text: str, plan: Plan) -> list[str]:
     """Paths of the plan's reparameterised kernels (a transform other than ``rp.full``) that some
-    all-gather in ``hlo_text`` rebuilds in full: an all-gather whose result has the kernel's shape or its
-    matrix view's ``[*batch, d_in, d_out]``. Empty when the step never gathers a whole base weight. Shapes
-    are all the HLO tells: an activation or gradient of the same shape counts too."""
-    gathered = set(all_gathers(hlo_text))
+    all-gather in ``hlo_text`` rebuilds in full, whole or one layer of a stack: an all-gather whose result
+    has the kernel's shape or its matrix view's ``[*batch, d_in, d_out]``, or, for a stacked kernel, the dims
+    (in any order, size-1 dims aside) of one layer of it or of one layer's ``[d_in, d_out]``. Empty when the step never gathers a base
+    weight. Shapes are all the HLO tells: an activation or gradient with the same dims counts too."""
+    key = lambda shape: tuple(sorted(n for n in shape if n != 1))
+    shapes = all_gathers(hlo_text)
+    gathered = set(shapes) | {key(s) for s in shapes}
     hits = []
     for leaf in plan.leaves:
         if leaf.transform is None or leaf.view is None or leaf.transform.ident.method == "full":
             continue
         v = leaf.view
-        forms = {tuple(leaf.shape), tuple(leaf.shape[a] for a in v.batch) + (
-            math.prod(leaf.shape[a] for a in v.inp), math.prod(leaf.shape[a] for a in v.out))}
+        stack = tuple(leaf.shape[a] for a in v.batch)
+        matrix = (math.prod(leaf.shape[a] for a in v.inp), math.prod(leaf.shape[a] for a in v.out))
+        layer = tuple(n for a, n in enumerate(leaf.shape) if a not in v.batch)
+        forms = {tuple(leaf.shape), stack + matrix} | ({key(layer), key(matrix)} if stack else set())
         if forms & gathered:
             hits.append(leaf.path)
     return hits

@@ -8,6 +8,7 @@ environment. Each prints one JSON object as its last stdout line.
     python tests/sharding_check.py hlo                 # N=8: all-gathers in the compiled LoRA step
     python tests/sharding_check.py single              # N=1: the 2-process run's reference
     python tests/sharding_check.py decoder             # N=8: the nn.scan decoder, sharded vs one device
+    python tests/sharding_check.py decoder_nf4         # N=8: the same on an nf4 base
     python tests/sharding_check.py worker PID PORT     # N=4: one of 2 processes joined by jax.distributed
 
 The model is a tiny attention block (DenseGeneral q/k/v [16, 4, 8], out [4, 8, 16]) and an MLP
@@ -156,14 +157,17 @@ def hlo():
     return out
 
 
-def decoder():
+def decoder(fmt: str = ""):
     """The nn.scan decoder (stacked DenseGeneral / Einsum kernels, views read from the model) with LoRA on
-    every projection: 10 steps on data:4,model:2 vs one device, its specs, and the all-gathers of its step."""
+    every projection: 10 steps on data:4,model:2 vs one device, its specs, and the all-gathers of its step.
+    ``fmt``: its kernels quantised in that format first (blocks of 8 along the last axis)."""
     assert jax.device_count() == 8, jax.devices()
     from experiments.models import decoder_forms as D
     cfg = D.Config(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=64)
     params, loss, _ = D.make("linen_scan", cfg)
     params = jax.tree_util.tree_map(np.asarray, params)
+    if fmt:
+        params = rp.quant.quantize(params, fmt, where=r"layers/.*/kernel", block=8, axis=-1)
     batches = [D.batch(cfg, n=8, t=6, seed=i) for i in range(10)]
     plan = rp.plan([(r"layers/.*/kernel", rp.lora(4, alpha=8))], params, model=loss, example=(batches[0], None))
     frozen, trainable = jax.jit(plan.init)(jax.random.key(1), params)
@@ -187,7 +191,12 @@ def decoder():
             "param_err": {k: float(np.max(np.abs(np.asarray(got[k]) - np.asarray(v)), initial=0.0))
                           for k, v in ref_params.items()},
             "base_specs": flat(specs.base), "trainable_specs": flat(specs.trainable),
-            "gathered_weights": H.gathered_weights(text, plan)}
+            "frozen_specs": flat(specs.frozen),
+            "placed": {k: str(x.sharding.spec) for k, x in zip(flat(fr), jax.tree_util.tree_leaves(fr))},
+            "gathered_weights": H.gathered_weights(text, plan),
+            "gathers": sorted(set(H.all_gathers(text))),
+            "quantised_shapes": {k: list(np.shape(x)) for k, x in zip(flat(fr), jax.tree_util.tree_leaves(fr))
+                                 if np.asarray(x).dtype in (np.uint8, np.int8)}}
 
 
 def worker(pid: int, port: int, nproc: int = 2):
@@ -225,5 +234,6 @@ if __name__ == "__main__":
     if mode == "worker":
         result = worker(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        result = {"curves": curves, "hlo": hlo, "single": single, "decoder": decoder}[mode]()
+        result = {"curves": curves, "hlo": hlo, "single": single, "decoder": decoder,
+                  "decoder_nf4": lambda: decoder("nf4")}[mode]()
     print(json.dumps(result))

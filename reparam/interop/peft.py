@@ -32,6 +32,11 @@ Linear weights ``[out, in]``, so every factor is transposed:
 - LoKr: ``lokr_w1 = Aᵀ``, ``lokr_w1_a = A2ᵀ``, ``lokr_w1_b = A1ᵀ``, ``lokr_w2 = Bᵀ``,
   ``lokr_w2_a = B2ᵀ``, ``lokr_w2_b = B1ᵀ``; ``r``, ``alpha``, ``decompose_both``, ``decompose_factor``.
 
+On a quantised base (:mod:`reparam.quant`; QLoRA) an export is the adapter alone, as PEFT's is for QLoRA: the
+base is never read but for its shape, so the file is the one the same trainables on the dequantised base give;
+load likewise. (A PiSSA export on a quantised base -- QPiSSA, its residual re-quantised -- is PEFT's conversion
+too: ``W0 + s·(A@B − A0@B0)`` on the ORIGINAL ``W0``, which differs from ours by the residual's quantisation error.)
+
 Loading rescales one factor where the file's scaling differs from the plan's (same ``ΔW``) and
 raises :class:`~reparam.ReparamError` when the method, a rank or a key does not match the plan, when
 ``adapter_config.json`` is not a JSON object with the keys its ``peft_type`` needs (of the right types and
@@ -87,7 +92,7 @@ class _Entry(NamedTuple):
     kind: str             # lora | principal | dora | vera | lokr
     transform: Reparam    # the rule's transform, on the [d_in, d_out] matrix view
     hparams: dict         # the transform's hyperparameters (transform.ident.hparams)
-    frozen: dict          # the leaf's frozen entry, base viewed as a matrix
+    frozen: dict          # the leaf's frozen entry (one layer's), "base" a ShapeDtypeStruct of its [d_in, d_out] view
     shape: tuple          # (d_in, d_out)
 
 
@@ -121,8 +126,13 @@ def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
             raise ReparamError(f"{where}: no PEFT format for this transform here; exportable: "
                                f"{sorted(_KIND)}. Give this parameter no rule in the plan you export, "
                                "or merge it into the base weights (plan.merge) instead.")
-        if leaf.view is not None and not leaf.view.is_trivial():
-            f = {**f, "base": views.to_matrix(leaf.view, f["base"])}
+        # an adapter file holds the adapter alone (as PEFT's does for QLoRA): of the base, export and load read only
+        # its matrix shape, so the entry holds it abstractly -- a quantised base is never dequantised, nor a
+        # stacked one copied per layer
+        m = leaf.shape if leaf.view is None else jax.eval_shape(
+            lambda w: views.to_matrix(leaf.view, w), jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape
+        base = jax.ShapeDtypeStruct(tuple(m[-2:]), leaf.dtype)
+        f = {k: v for k, v in f.items() if k != "base"}
         module = namer(leaf.path)
         if not isinstance(module, str) or not module:
             raise ReparamError(f"{where}: module_map gave {module!r}; it must give a torch module name "
@@ -142,7 +152,7 @@ def _entries(plan, frozen: PyTree, module_map: ModuleMap) -> list[_Entry]:
                 raise ReparamError(f"module_map sends both '{seen[name]}' and '{leaf.path}' to the torch module "
                                    f"'{name}'; each adapted parameter (and layer) needs its own module.")
             seen[name] = leaf.path
-            fl = f if layer is None else jax.tree_util.tree_map(lambda a: a[layer], f)
+            fl = {**(f if layer is None else jax.tree_util.tree_map(lambda a: a[layer], f)), "base": base}
             out.append(_Entry(i if layer is None else (i, layer), leaf.path if layer is None else
                               f"{leaf.path}[{layer}]", name, kind, t, hp, fl, tuple(fl["base"].shape)))
     if not out:
