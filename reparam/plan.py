@@ -199,8 +199,8 @@ class Plan:
                     f"this transform needs calibration data ({t.calib}) and calib has none for this path; "
                     "pass calib=rp.capture_inputs(...) (or rp.capture_grads(...)) to plan.init."))
             try:
-                check_finite(w, "the weight", "an SVD of it may hang and any adapter on it trains on "
-                             "inf/NaN outputs; fix the pretrained weights (an overflow when they were saved?) or "
+                check_finite(w, "the weight", "any adapter on it trains on inf/NaN outputs (and an "
+                             "SVD-based init such as PiSSA's can hang on it); fix the pretrained weights (an overflow when they were saved?) or "
                              "leave this parameter out of the rule.")
                 for k, v in (c or {}).items():
                     check_finite(v, f"calib[{k!r}]", "recompute the calibration statistics from finite batches "
