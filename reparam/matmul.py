@@ -44,10 +44,32 @@ Array = jax.Array
 
 # --- the op -------------------------------------------------------------------------------------
 def _weight(base, inner, dtype):
-    """``W0 + inner`` in the base's dtype (the sum in f32), then in the compute dtype (a quantised base
-    dequantised here, for this layer only)."""
-    base = views.materialise(base)
+    """``W0 + inner`` in the base's dtype (the sum in f32), then in the compute dtype. A deferred base
+    (:class:`reparam.views.Matrix`: quantised, or needing a transpose into its view) is formed here, for this
+    layer only, in its grouped layout ``[*inp sizes, *out sizes]`` (``inner`` reshaped to it), which keeps a
+    sharding of any of its axes; :func:`_times` and :func:`_times_t` contract it."""
+    if isinstance(base, views.Matrix):
+        b = base.grouped()
+        return (b.astype(jnp.float32) + inner.dense(base.shape).reshape(b.shape)).astype(b.dtype).astype(dtype)
     return (base.astype(jnp.float32) + inner.dense(base.shape)).astype(base.dtype).astype(dtype)
+
+
+def _times(x, w, base):
+    """``x [N, d_in] @ W -> [N, d_out]``, ``W`` as :func:`_weight` gives it for ``base``."""
+    if not isinstance(base, views.Matrix):
+        return x @ w
+    inp, _ = base.sizes
+    return jnp.tensordot(x.reshape((x.shape[0],) + inp), w, len(inp)).reshape(x.shape[0], -1)
+
+
+def _times_t(g, w, base):
+    """``g [N, d_out] @ Wᵀ -> [N, d_in]``, ``W`` as :func:`_weight` gives it for ``base``."""
+    if not isinstance(base, views.Matrix):
+        return g @ w.T
+    inp, out = base.sizes
+    ni, no = len(inp), len(out)
+    return jnp.tensordot(g.reshape((g.shape[0],) + out), w,
+                         (tuple(range(1, 1 + no)), tuple(range(ni, ni + no)))).reshape(g.shape[0], -1)
 
 
 def _grad(s, x, g):
@@ -63,13 +85,13 @@ def _grad(s, x, g):
 @jax.custom_vjp
 def _materialised(x, base, s):
     inner, right = split(s)
-    z = x @ _weight(*_tied((base, inner), x), x.dtype)
+    z = _times(x, _weight(*_tied((base, inner), x), x.dtype), base)
     return z if right is None else right.times(z)
 
 
 def _materialised_fwd(x, base, s):
     inner, right = split(s)
-    z = x @ _weight(*_tied((base, inner), x), x.dtype)
+    z = _times(x, _weight(*_tied((base, inner), x), x.dtype), base)
     # the residuals are the frozen base and the structure, not W: a weight-sized residual per layer would be
     # stacked by a scan over layers (and kept alive by any model); the backward forms W again (d_in·d_out·r)
     return (z, (x, base, None, s)) if right is None else (right.times(z), (x, base, z, s))
@@ -95,7 +117,7 @@ def _materialised_bwd(res, g):
     v = _weight(*_tied((base, inner), g), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
-    return gz @ v.T, None, d_inner if right is None else right.r_pullback(z, g, d_inner)
+    return _times_t(gz, v, base), None, d_inner if right is None else right.r_pullback(z, g, d_inner)
 
 
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)
@@ -105,11 +127,11 @@ _materialised.defvjp(_materialised_fwd, _materialised_bwd)
 def _deferred_product(x, base):
     """``x @ W0`` for a deferred base (:class:`reparam.views.Matrix`: quantised, or transposed into its view),
     whose backward forms ``W0`` again rather than keeping the forward's as autodiff's residual."""
-    return x @ _tied(base, x).array().astype(x.dtype)
+    return _times(x, _tied(base, x).grouped().astype(x.dtype), base)
 
 
 def _deferred_product_bwd(base, g):
-    return g @ _tied(base, g).array().astype(g.dtype).T, None
+    return _times_t(g, _tied(base, g).grouped().astype(g.dtype), base), None
 
 
 _deferred_product.defvjp(lambda x, base: (_deferred_product(x, base), base), _deferred_product_bwd)

@@ -157,12 +157,23 @@ class Matrix:
     def dtype(self):
         return self.w.dtype
 
-    def array(self):
+    @property
+    def sizes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The sizes of the input and of the output axes, in view order."""
+        rest = tuple(self.w.shape)[len(self.w.shape) - len(self.inp) - len(self.out):]
+        return tuple(rest[a] for a in self.inp), tuple(rest[a] for a in self.out)
+
+    def grouped(self):
+        """The kernel ``[*stack, *inp sizes, *out sizes]``: transposed into view order, not flattened. A sharded
+        axis that a flattened group would hold as its minor factor (a fused ``[2, d, ffn]`` gate/up sharded on
+        ``ffn``) stays sharded in this layout; flattening it would make XLA gather the weight."""
         w = quant.dequantize(self.w)
         nb = w.ndim - len(self.inp) - len(self.out)
         perm = tuple(range(nb)) + tuple(nb + a for a in self.inp + self.out)
-        w = w if perm == tuple(range(w.ndim)) else w.transpose(perm)
-        return w.reshape(self.shape)
+        return w if perm == tuple(range(w.ndim)) else w.transpose(perm)
+
+    def array(self):
+        return self.grouped().reshape(self.shape)
 
 
 def matrix(w, view: View) -> Optional[Matrix]:
