@@ -21,8 +21,12 @@ and batch -- temporaries, and the peak, arguments + outputs + temporaries - alia
 setup (model, frozen tree, compiled step; what the allocator has not returned of the f32 weights a base was
 quantised from counts too) and its peak while training (VmHWM reset before the first step); the frozen tree's
 bytes (``rp.quant.footprint``) and their ratio to the f32 base's, and the adapted kernels' bases alone against
-their f32 bytes. MiniLM: validation (256 tweets) and test accuracy after ``experiments.run.run`` with
-``--acc-steps`` LoRA steps (default the runner's 60) on each base, one more process per base. The issue's targets
+their f32 bytes. Validation and test accuracy after ``experiments.run.run`` with LoRA on each base, one more
+process per base, at the runner's default budget (MiniLM: 60 steps, the 3,724 test tweets; SmolLM2: 40 steps
+of eight chats, the first 512 test tweets) unless ``--acc-steps`` / ``--test-examples`` say otherwise; the check
+compares each base's test accuracy with the f32 base's against two binomial standard deviations of their
+difference. ``--keep`` keeps the rows of models not measured in this run from ``<tag>.json`` (to re-run one
+model). The issue's targets
 are checked below the table: a 4-bit base <= 0.16 x the f32 base's bytes, its step <= 1.3 x the f32-base step,
 accuracy within noise of the f32 base.
 """
@@ -111,17 +115,21 @@ def time_step(model: str, fmt: str, args) -> dict:
 
 
 def accuracy(model: str, fmt: str, args) -> dict:
-    """``experiments.run.run`` with LoRA on the base for ``args.acc_steps`` steps: validation and test accuracy."""
+    """``experiments.run.run`` with LoRA on the base: validation and test accuracy after ``args.acc_steps`` steps
+    on ``args.test_examples`` test examples (each -1: the config's own budget)."""
     from experiments import run as R
     c = config_for(model, fmt, argparse.Namespace(**{**vars(args), "batch": 0, "seq": 0}))   # the runner's batch
-    c.adapt_steps, c.eval_every = args.acc_steps, min(c.eval_every, args.acc_steps)
-    c.test_examples = args.test_examples
+    if args.acc_steps > 0:
+        c.adapt_steps, c.eval_every = args.acc_steps, min(c.eval_every, args.acc_steps)
+    if args.test_examples >= 0:
+        c.test_examples = args.test_examples
     with tempfile.TemporaryDirectory() as d:
         c.output_dir = d
         r = R.run(c)
     lora = r["methods"]["lora"]
-    return {"model": model, "base": fmt, "val_acc": lora["monitor_acc"], "test_acc": lora["acc"],
-            "test_loss": lora["test_loss"], "acc_steps": args.acc_steps, "test_examples": args.test_examples}
+    n_test = c.test_examples or 3724                   # 0: the whole test split of the tweets, 3,724
+    return {"model": model, "base": fmt, "val_acc": lora["monitor_acc"], "test_acc": lora["acc"], "n_test": n_test,
+            "test_loss": lora["test_loss"], "acc_steps": c.adapt_steps, "test_examples": c.test_examples}
 
 
 def child(spec: str, args) -> dict:
@@ -137,7 +145,7 @@ def _extra(args) -> list[str]:
 
 def measure(args) -> list[dict]:
     """Every model's bases, each a fresh process, shuffled within each of ``args.rounds`` rounds; then (MiniLM,
-    ``acc_steps`` > 0) one accuracy run per base. One row per (model, base)."""
+    ``acc_steps`` != 0) one accuracy run per base. One row per (model, base)."""
     rng = np.random.default_rng(0)
     rows = []
     for model in args.models.split(","):
@@ -153,7 +161,7 @@ def measure(args) -> list[dict]:
                            f"{res['xla'].get('temp', float('nan')):.1f} MB, RSS {res['rss_mb']:.0f} MB"), flush=True)
         for label in bases:
             row = {"label": label, **median_run(runs[label])}
-            if model == "minilm" and args.acc_steps and "error" not in row:
+            if args.acc_steps and "error" not in row:
                 acc = run_child("benchmarks.quant", f"{model}:{bases[label]}:acc", args, _extra(args))
                 row["accuracy"] = acc
                 print(f"{MODELS[model]:>22} {label:>9} accuracy: " + (f"FAILED {acc['error']}" if "error" in acc else
@@ -164,6 +172,19 @@ def measure(args) -> list[dict]:
 
 def _f(v, spec=".1f") -> str:
     return "" if v is None else format(v, spec)
+
+
+def _acc_check(acc: dict, ref: dict) -> str:
+    """Test accuracy against the f32 base's: the difference and two binomial standard deviations of it."""
+    if acc.get("test_acc") is None or ref.get("test_acc") is None:
+        return ""
+    a, b, n = acc["test_acc"], ref["test_acc"], acc.get("n_test") or ref.get("n_test")
+    if not n:
+        return f"; test acc {a:.3f} vs f32 {b:.3f}"
+    two_sd = 2 * np.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+    within = "within" if abs(a - b) <= two_sd else "OUTSIDE"
+    return (f"; test acc {a:.3f} vs f32 {b:.3f} on {n} tweets ({100 * (a - b):+.1f} points, {within} "
+            f"2 sd = {100 * two_sd:.1f})")
 
 
 def markdown(rows, args) -> str:
@@ -193,9 +214,7 @@ def markdown(rows, args) -> str:
                 ok = lambda b: "meets" if b else "MISSES"
                 checks.append(f"- {MODELS[model]} {r['label']}: bases {x_bases:.3f} x f32 ({ok(x_bases <= TARGETS['bytes'])} "
                               f"<= {TARGETS['bytes']}); step {x_step:.2f} x the f32 base's ({ok(x_step <= TARGETS['step'])} "
-                              f"<= {TARGETS['step']})" + (f"; test acc {acc['test_acc']:.3f} vs f32 {ref_acc['test_acc']:.3f}"
-                                                           if acc.get("test_acc") is not None and ref_acc.get("test_acc")
-                                                           is not None else ""))
+                              f"<= {TARGETS['step']})" + _acc_check(acc, ref_acc))
     return "\n".join(lines + ([""] + ["Targets (issue 16):"] + checks if checks else []))
 
 
@@ -206,16 +225,19 @@ def plot(rows, path):
     ok = [r for r in rows if "error" not in r]
     models = list(dict.fromkeys(r["model"] for r in ok))
     panels = [("step_ms", "step ms / f32 base's", TARGETS["step"]), ("bases", "adapted bases' bytes / f32", TARGETS["bytes"]),
-              ("temp", "XLA temp MB (compiled step)", None), ("rss", "RSS after setup MB", None)]
+              ("acc", "test acc (bars: 2 binomial sd)", None), ("rss", "RSS after setup MB", None)]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(4 * len(panels), 3.2 * len(models)), squeeze=False)
     for axrow, model in zip(axes, models):
         mine = [r for r in ok if r["model"] == model]
         ref = next((r for r in mine if r["label"] == "f32"), mine[0])
         values = {"step_ms": [r["step_ms"] / ref["step_ms"] for r in mine],
                   "bases": [r["bases_mb"] / r["bases_f32_mb"] for r in mine],
-                  "temp": [r["xla"].get("temp", np.nan) for r in mine], "rss": [r["rss_mb"] for r in mine]}
+                  "acc": [r.get("accuracy", {}).get("test_acc", np.nan) for r in mine],
+                  "rss": [r["rss_mb"] for r in mine]}
+        n = [r.get("accuracy", {}).get("n_test") or 3724 for r in mine]
+        sd = {"acc": [2 * np.sqrt(a * (1 - a) / k) for a, k in zip(values["acc"], n)]}
         for ax, (key, title, target) in zip(axrow, panels):
-            ax.bar([r["label"] for r in mine], values[key], color="tab:blue")
+            ax.bar([r["label"] for r in mine], values[key], yerr=sd.get(key), capsize=3, color="tab:blue")
             if target:
                 ax.axhline(target, color="g", ls="--", lw=0.8, label=f"target {target}")
                 ax.legend(fontsize=7)
@@ -230,8 +252,11 @@ def write(rows, args) -> str:
     cmd = f"python -m benchmarks.quant {' '.join(sys.argv[1:])}".strip()
     head = (f"LoRA (r=8, alpha 16) on quantised frozen bases; the runner's tasks and batches; per base the median "
             f"of {args.rounds} round(s) of {args.steps} timed steps after {args.warmup} warm-up, each base in its "
-            f"own process, the bases shuffled within each round; SmolLM2: its first {args.layers} layers; MiniLM "
-            f"accuracy after {args.acc_steps} steps; {os.cpu_count()} CPUs; `{cmd}`")
+            f"own process, the bases shuffled within each round; SmolLM2: its first {args.layers} layers; accuracy "
+            f"after the runner's budget (MiniLM 60 steps, all test tweets; SmolLM2 40 steps, 512) unless the command "
+            f"says otherwise; {os.cpu_count()} CPUs; `{cmd}`")
+    if getattr(args, "kept", None):
+        head += f"; the rows of {', '.join(args.kept['rows of'])} are kept from an earlier run: {args.kept['from']}"
     text = head + "\n\n" + markdown(rows, args)
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
         f.write(text + "\n")
@@ -250,8 +275,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0, help="0: the config's batch size")
     ap.add_argument("--seq", type=int, default=0, help="0: the config's sequence length")
     ap.add_argument("--layers", type=int, default=30, help="SmolLM2's first layers (30: the whole model)")
-    ap.add_argument("--acc-steps", type=int, default=60, help="MiniLM LoRA steps before the accuracy (0: none)")
-    ap.add_argument("--test-examples", type=int, default=0, help="test tweets for the accuracy (0: all 3,724)")
+    ap.add_argument("--acc-steps", type=int, default=-1,
+                    help="LoRA steps before the accuracy (-1: the config's, MiniLM 60, SmolLM2 40; 0: no accuracy)")
+    ap.add_argument("--test-examples", type=int, default=-1,
+                    help="test tweets for the accuracy (-1: the config's, MiniLM all, SmolLM2 512; 0: all 3,724)")
+    ap.add_argument("--keep", action="store_true", help="keep the other models' rows from <tag>.json")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--tag", default="quant", help="output file names <tag>.{md,json,png}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -264,6 +292,13 @@ def main(argv=None):
         print(json.dumps(child(args.child, args)))
         return
     rows = measure(args)
+    path = os.path.join(args.out, f"{args.tag}.json")
+    if args.keep and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        kept = [r for r in old["rows"] if r["model"] not in args.models.split(",")]
+        args.kept = {"rows of": sorted({r["model"] for r in kept}), "from": old["header"]}
+        rows = sorted(kept + rows, key=lambda r: list(BASES).index(r["model"]))
     print("\n" + write(rows, args))
     print(f"\nwrote {args.tag}.md, .json, .png to {args.out}")
     if any("error" in r for r in rows):
