@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.minilm import OUT, median_run, reset_peak_rss, rss_mb, run_child
 
 BASES = {"minilm": {"f32": "none", "bf16": "bf16", "int8": "int8", "nf4": "nf4"},
-         "smollm": {"f32": "none", "nf4": "nf4", "gguf q4_1": "gguf"}}
+         "smollm": {"f32": "none", "bf16": "bf16", "int8": "int8", "nf4": "nf4", "gguf q4_1": "gguf"}}
 MODELS = {"minilm": "all-MiniLM-L6-v2", "smollm": "SmolLM2-135M-Instruct"}
 TARGETS = {"bytes": 0.16, "step": 1.3}          # issue 16: 4-bit base bytes and step time against the f32 base's
 
@@ -129,7 +129,7 @@ def accuracy(model: str, fmt: str, args) -> dict:
     lora = r["methods"]["lora"]
     n_test = c.test_examples or 3724                   # 0: the whole test split of the tweets, 3,724
     return {"model": model, "base": fmt, "val_acc": lora["monitor_acc"], "test_acc": lora["acc"], "n_test": n_test,
-            "test_loss": lora["test_loss"], "acc_steps": c.adapt_steps, "test_examples": c.test_examples}
+            "test_loss": lora["test_loss"], "start_test_acc": r.get("start_test_acc"), "acc_steps": c.adapt_steps, "test_examples": c.test_examples}
 
 
 def child(spec: str, args) -> dict:
@@ -190,7 +190,7 @@ def _acc_check(acc: dict, ref: dict) -> str:
 def markdown(rows, args) -> str:
     lines = ["| model | base | step ms | x f32 step | XLA argument MB | XLA temp MB | XLA peak MB | RSS MB | "
              "peak RSS in training MB | frozen MB | x f32 frozen | adapted bases MB | x f32 bases | val acc | "
-             "test acc |", "|---|---|" + "---:|" * 13]
+             "test acc | test acc before training |", "|---|---|" + "---:|" * 14]
     checks = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -199,7 +199,7 @@ def markdown(rows, args) -> str:
         for r in mine:
             if "error" in r:
                 lines.append(f"| {MODELS[model]} | {r['label']} | FAILED: {' '.join(r['error'].split())[:200]} |"
-                             + " |" * 12)
+                             + " |" * 13)
                 continue
             x_step = r["step_ms"] / ref["step_ms"] if ref else None
             x_frozen = r["frozen_mb"] / ref["frozen_mb"] if ref else None
@@ -209,7 +209,7 @@ def markdown(rows, args) -> str:
                          f"{_f(r['xla'].get('argument'))} | {_f(r['xla'].get('temp'))} | {_f(r['xla'].get('peak'))} | "
                          f"{r['rss_mb']:.0f} | {_f(r['rss_peak_mb'], '.0f')} | {r['frozen_mb']:.1f} | "
                          f"{_f(x_frozen, '.3f')} | {r['bases_mb']:.1f} | {x_bases:.3f} | {_f(acc.get('val_acc'), '.3f')} | "
-                         f"{_f(acc.get('test_acc'), '.3f')} |")
+                         f"{_f(acc.get('test_acc'), '.3f')} | {_f(acc.get('start_test_acc'), '.3f')} |")
             if r["label"] in ("nf4", "gguf q4_1") and ref:
                 ok = lambda b: "meets" if b else "MISSES"
                 checks.append(f"- {MODELS[model]} {r['label']}: bases {x_bases:.3f} x f32 ({ok(x_bases <= TARGETS['bytes'])} "
@@ -255,13 +255,15 @@ def write(rows, args) -> str:
             f"own process, the bases shuffled within each round; SmolLM2: its first {args.layers} layers; accuracy "
             f"after the runner's budget (MiniLM 60 steps, all test tweets; SmolLM2 40 steps, 512) unless the command "
             f"says otherwise; {os.cpu_count()} CPUs; `{cmd}`")
-    if getattr(args, "kept", None):
-        head += f"; the rows of {', '.join(args.kept['rows of'])} are kept from an earlier run: {args.kept['from']}"
+    sources = {m: head for m in args.models.split(",")}
+    for m, h in (getattr(args, "kept", None) or {}).items():
+        sources[m] = h
+        head += f"\n\nThe rows of {MODELS[m]} are kept from an earlier run: {h}"
     text = head + "\n\n" + markdown(rows, args)
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
-        json.dump({"header": head, "args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"header": head, "sources": sources, "args": vars(args), "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, f"{args.tag}.png"))
     return text
 
@@ -297,7 +299,7 @@ def main(argv=None):
         with open(path) as f:
             old = json.load(f)
         kept = [r for r in old["rows"] if r["model"] not in args.models.split(",")]
-        args.kept = {"rows of": sorted({r["model"] for r in kept}), "from": old["header"]}
+        args.kept = {m: old.get("sources", {}).get(m, old["header"]) for m in sorted({r["model"] for r in kept})}
         rows = sorted(kept + rows, key=lambda r: list(BASES).index(r["model"]))
     print("\n" + write(rows, args))
     print(f"\nwrote {args.tag}.md, .json, .png to {args.out}")
