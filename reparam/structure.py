@@ -96,7 +96,15 @@ class LowRank:
         (tokens, d_in), d_out = x.shape, g.shape[1]
         if lowrank_grad_by_gemm(self.l.shape[-1], tokens, d_in, d_out, factors=1 if self.frozen else 2):
             return _vjp_at(lambda s: s.dense((d_in, d_out)), self, dw())
-        return _vjp_at(lambda s: s.matvec(x), self, g)
+        g = g.astype(x.dtype)
+        # dl = xᵀ(g rᵀ) is formed as (g rᵀ)ᵀx [r, d_in] and transposed behind a barrier: a token
+        # contraction into a [d_in, r] result, which XLA would make of the transpose, runs slower
+        # on XLA:CPU than the same product laid out [r, d_in] (`python -m benchmarks.lowrank_layout`)
+        dl = (jnp.zeros_like(self.l) if self.frozen == "l" else jax.lax.optimization_barrier(
+            jnp.einsum("nr,nd->rd", g @ self.r.astype(x.dtype).T, x)).T.astype(self.l.dtype))
+        dr = (jnp.zeros_like(self.r) if self.frozen == "r" else
+              jnp.einsum("nr,nk->rk", x @ self.l.astype(x.dtype), g).astype(self.r.dtype))
+        return LowRank(dl, dr, self.frozen)
 
 
 # --- Kronecker ----------------------------------------------------------------------------------------
