@@ -100,11 +100,10 @@ class LowRank:
         # dl = xᵀ(g rᵀ) is formed as (g rᵀ)ᵀx [r, d_in] and transposed behind a barrier: a token
         # contraction into a [d_in, r] result, which XLA would make of the transpose, runs slower
         # on XLA:CPU than the same product laid out [r, d_in] (`python -m benchmarks.lowrank_layout`)
-        dl = (jnp.zeros_like(self.l) if self.frozen == "l" else jax.lax.optimization_barrier(
-            jnp.einsum("nr,nd->rd", g @ self.r.astype(x.dtype).T, x)).T.astype(self.l.dtype))
-        dr = (jnp.zeros_like(self.r) if self.frozen == "r" else
-              jnp.einsum("nr,nk->rk", x @ self.l.astype(x.dtype), g).astype(self.r.dtype))
-        return LowRank(dl, dr, self.frozen)
+        # (a frozen factor's cotangent is unused, and XLA drops it)
+        dl = jax.lax.optimization_barrier(jnp.einsum("nr,nd->rd", g @ self.r.astype(x.dtype).T, x)).T
+        dr = jnp.einsum("nr,nk->rk", x @ self.l.astype(x.dtype), g)
+        return LowRank(dl.astype(self.l.dtype), dr.astype(self.r.dtype), self.frozen)
 
 
 # --- Kronecker ----------------------------------------------------------------------------------------
