@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -64,7 +65,7 @@ def main(argv=None):
             for name, us in measure(args.tokens, d, r, args.terms, args.calls).items():
                 rows.append({"tokens": args.tokens, "d_in": d, "r": r, "variant": name, "us": us})
                 print(f"N={args.tokens} d_in={d} r={r}  {name:50s} {us:8.1f} us", flush=True)
-    cmd = f"python -m benchmarks.lowrank_layout {' '.join((argv if argv is not None else __import__('sys').argv[1:]))}".strip()
+    cmd = f"python -m benchmarks.lowrank_layout {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
     head = (f"The token contraction of LoRA's dA = xᵀ(g Bᵀ), per op inside one compiled program ({args.terms} terms, "
             f"median of {args.calls} calls), {jax.default_backend()}, {os.cpu_count()} CPUs; `{cmd}`")
     lines = [head, "", "| N | d_in | r | variant | µs per op |", "|---:|---:|---:|---|---:|"]

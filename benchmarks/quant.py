@@ -234,7 +234,7 @@ def plot(rows, path):
                   "bases": [r["bases_mb"] / r["bases_f32_mb"] for r in mine],
                   "acc": [r.get("accuracy", {}).get("test_acc", np.nan) for r in mine],
                   "rss": [r["rss_mb"] for r in mine]}
-        n = [r.get("accuracy", {}).get("n_test") or 3724 for r in mine]
+        n = [r.get("accuracy", {}).get("n_test") or np.nan for r in mine]       # no bar without a count
         sd = {"acc": [2 * np.sqrt(a * (1 - a) / k) for a, k in zip(values["acc"], n)]}
         for ax, (key, title, target) in zip(axrow, panels):
             ax.bar([r["label"] for r in mine], values[key], yerr=sd.get(key), capsize=3, color="tab:blue")
