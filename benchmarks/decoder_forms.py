@@ -58,9 +58,9 @@ def _xtg_dots(hlo: str, plan, tokens: int) -> int:
                and int(np.prod(d[1])) == tokens)
 
 
-def build(cfg: D.Config, batch: dict, opt) -> dict:
+def build(cfg: D.Config, batch: dict, opt, forms=FORMS) -> dict:
     steps = {}
-    for form in FORMS:
+    for form in forms:
         params, loss, rules_for = D.make("linen" if form == "linen_remat" else form, cfg,
                                          remat=form == "linen_remat")
         for kind in KINDS:
@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of " + ",".join(FORMS))
     ap.add_argument("--tag", default="decoder_forms")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
@@ -105,7 +106,11 @@ def main(argv=None):
     cfg = D.Config(vocab=512, d=256, layers=4, heads=8, kv_heads=2, ffn=768)
     batch = D.batch(cfg, n=args.batch, t=args.seq)
     opt = optax.adamw(1e-4)
-    steps = build(cfg, batch, opt)
+    forms = tuple(f for f in FORMS if f in args.forms.split(","))
+    unknown = set(args.forms.split(",")) - set(FORMS)
+    if unknown or not forms:
+        ap.error(f"--forms: unknown {sorted(unknown)}; choose from {','.join(FORMS)}")
+    steps = build(cfg, batch, opt, forms)
     times = {k: [] for k in steps}
     order = np.random.default_rng(0)
     keys = list(steps)
@@ -117,7 +122,7 @@ def main(argv=None):
             times[keys[i]].append(1e3 * (time.perf_counter() - t0))
         print(f"round {r + 1}/{args.rounds}", flush=True)
     rows = []
-    for form in FORMS:
+    for form in forms:
         full = float(np.median(times[(form, "full")]))
         for kind in KINDS:
             s, ms = steps[(form, kind)], float(np.median(times[(form, kind)]))
@@ -125,7 +130,8 @@ def main(argv=None):
                              gflop_x_full=s["gflop"] / steps[(form, "full")]["gflop"], peak_mb=s["peak_mb"],
                              trainable=s["trainable"], xtg_dots=s["xtg"], routed_uses=s["routed"],
                              fallback_uses=s["fallbacks"], times=times[(form, kind)]))
-    cmd = "python -m benchmarks.decoder_forms" + (f" --rounds={args.rounds}" if args.rounds != 7 else "")
+    cmd = "python -m benchmarks.decoder_forms" + (f" --rounds={args.rounds}" if args.rounds != 7 else "") + \
+        (f" --forms={','.join(forms)}" if forms != FORMS else "")
     head = (f"Llama-style decoder (vocab {cfg.vocab}, d {cfg.d}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads, "
             f"SwiGLU {cfg.ffn}), batch {args.batch} x {args.seq}, AdamW; medians of {args.rounds} interleaved rounds "
             f"in one process, {jax.device_count()} x {jax.devices()[0].platform}; `{cmd}`")
@@ -147,13 +153,13 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    x = np.arange(len(FORMS))
+    x = np.arange(len(forms))
     for j, kind in enumerate(KINDS[1:]):
         ax.bar(x + (j - 1) * 0.27, [next(r["x_full"] for r in rows if r["form"] == f and r["kind"] == kind)
-                                    for f in FORMS], 0.27, label=kind)
+                                    for f in forms], 0.27, label=kind)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.75, color="g", ls="--", lw=0.8, label="target 0.75")
-    ax.set(xticks=x, xticklabels=FORMS, ylabel="step / full fine-tuning step", title="LoRA step by model form")
+    ax.set(xticks=x, xticklabels=forms, ylabel="step / full fine-tuning step", title="LoRA step by model form")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, f"{args.tag}.png"), dpi=120)

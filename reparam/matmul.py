@@ -30,6 +30,7 @@ consumer's transposing fusion; a divide is
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -82,22 +83,22 @@ def _grad(s, x, g):
     return sampled.choose((x, g), branch(True), branch(False))
 
 
-@jax.custom_vjp
-def _materialised(x, base, s):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _materialised(x, base, s, tie):
     inner, right = split(s)
-    z = _times(x, _weight(*_tied((base, inner), x), x.dtype), base)
+    z = _times(x, _weight(*_tied((base, inner), x, tie), x.dtype), base)
     return z if right is None else right.times(z)
 
 
-def _materialised_fwd(x, base, s):
+def _materialised_fwd(x, base, s, tie):
     inner, right = split(s)
-    z = _times(x, _weight(*_tied((base, inner), x), x.dtype), base)
+    z = _times(x, _weight(*_tied((base, inner), x, tie), x.dtype), base)
     # the residuals are the frozen base and the structure, not W: a weight-sized residual per layer would be
     # stacked by a scan over layers (and kept alive by any model); the backward forms W again (d_in·d_out·r)
     return (z, (x, base, None, s)) if right is None else (right.times(z), (x, base, z, s))
 
 
-def _tied(tree, t):
+def _tied(tree, t, tie: bool = True):
     """``tree`` (a base and a structure) made to depend on the array ``t`` (the layer's input, or its output's
     cotangent): every array plus a zero computed from ``t`` at run time. A layer's weight-sized intermediates
     formed from it -- a quantised base's f32 dequantisation, ``ΔW``, ``W0 + ΔW`` -- then exist only from
@@ -105,45 +106,53 @@ def _tied(tree, t):
     would, as they depend on parameters only) nor share the forward's with the backward (common-subexpression
     elimination), either of which keeps one per layer alive at once -- for a quantised base, the whole
     model in f32. (XLA:CPU expands ``optimization_barrier`` before it eliminates common subexpressions, so a
-    barrier does not do this.)"""
+    barrier does not do this.)
+
+    ``tie=False`` (a layer inside a scan over layers) returns ``tree`` as it is: a loop body holds one
+    layer's intermediates whatever the schedule, and its forward and backward are different loops, while
+    the tie would hold forming the backward's ``W`` until the cotangent arrives, on the critical path of
+    every iteration."""
+    if not tie:
+        return tree
     t0 = t.reshape(-1)[0].astype(jnp.float32)
     zero = jnp.where(jnp.isfinite(t0), t0 * 0, 0)       # 0 at run time, unknown to the compiler
     return jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), tree)
 
 
-def _materialised_bwd(res, g):
+def _materialised_bwd(tie, res, g):
     x, base, z, s = res
     inner, right = split(s)
-    v = _weight(*_tied((base, inner), g), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
-    return _times_t(gz, v, base), None, d_inner if right is None else right.r_pullback(z, g, d_inner)
+    v = _weight(*_tied((base, inner), g, tie), x.dtype)
+    dx = _times_t(gz, v, base)
+    return dx, None, d_inner if right is None else right.r_pullback(z, g, d_inner)
 
 
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)
 
 
-@jax.custom_vjp
-def _deferred_product(x, base):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _deferred_product(x, base, tie):
     """``x @ W0`` for a deferred base (:class:`reparam.views.Matrix`: quantised, or transposed into its view),
     whose backward forms ``W0`` again rather than keeping the forward's as autodiff's residual."""
-    return _times(x, _tied(base, x).grouped().astype(x.dtype), base)
+    return _times(x, _tied(base, x, tie).grouped().astype(x.dtype), base)
 
 
-def _deferred_product_bwd(base, g):
-    return _times_t(g, _tied(base, g).grouped().astype(g.dtype), base), None
+def _deferred_product_bwd(tie, base, g):
+    return _times_t(g, _tied(base, g, tie).grouped().astype(g.dtype), base), None
 
 
-_deferred_product.defvjp(lambda x, base: (_deferred_product(x, base), base), _deferred_product_bwd)
+_deferred_product.defvjp(lambda x, base, tie: (_deferred_product(x, base, tie), base), _deferred_product_bwd)
 
 
-def _frozen_product(x, base):
+def _frozen_product(x, base, tie: bool = True):
     """``x @ W0`` with no gradient for ``W0``."""
     base = jax.lax.stop_gradient(base)
-    return _deferred_product(x, base) if isinstance(base, views.Matrix) else x @ base.astype(x.dtype)
+    return _deferred_product(x, base, tie) if isinstance(base, views.Matrix) else x @ base.astype(x.dtype)
 
 
-def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = None) -> Array:
+def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = None, in_scan: bool = False) -> Array:
     """``x @ W`` for ``x [N, d_in]``, ``base [d_in, d_out]`` (frozen; an array or a quantised
     :class:`reparam.views.Matrix`, dequantised inside the op in the forward and again in the backward) and a
     structure ``s``: ``W = base + ΔW``, or ``(base + inner)·R`` for a right-multiplicative one
@@ -151,15 +160,16 @@ def structured_matmul(x: Array, base: Array, s, *, factored: Optional[bool] = No
 
     ``factored=None`` picks the cheaper forward (:func:`prefer_factored`). Both
     paths give the same values and gradients as plain autodiff through the
-    materialised weight (up to float rounding); neither forms ``xᵀg``.
+    materialised weight (up to float rounding); neither forms ``xᵀg``. ``in_scan``: the call is a layer in
+    the body of a scan over layers, where the weight-sized intermediates need no tie (:func:`_tied`).
     """
     if factored is None:
         factored = prefer_factored(s, base.shape, x.shape[0])
     if not factored:
-        return _materialised(x, jax.lax.stop_gradient(base), s)
+        return _materialised(x, jax.lax.stop_gradient(base), s, not in_scan)
     # plain autodiff of the factored form is already rank-r / vec-trick / support-only
     inner, right = split(s)
-    z = _frozen_product(x, base) + inner.matvec(x)
+    z = _frozen_product(x, base, not in_scan) + inner.matvec(x)
     return z if right is None else right.times(z)
 
 

@@ -229,21 +229,26 @@ def _contract(eqn, x, w: Weight, w_lhs: bool, site, ctx: "_Ctx"):
     xs = jnp.asarray(x)
     d_in, d_out = w.base.shape[-2:]
     nb = len(wb)
-    xt = jnp.transpose(xs, tuple(xb) + tuple(xfree) + tuple(xc[j] for j in c_order))
+    perm = tuple(xb) + tuple(xfree) + tuple(xc[j] for j in c_order)
     lead = tuple(xs.shape[i] for i in xfree)
     tokens = math.prod(lead)
-    x2 = xt.reshape(xt.shape[:nb] + (tokens, d_in))
     one = jax.eval_shape(lambda s: jax.tree_util.tree_map(lambda a: a[(0,) * nb], s), w.s) if nb else w.s
     factored = S.prefer_factored(one, (d_in, d_out), tokens) if ctx.mode is None else ctx.mode
-    f = lambda x_, b_, s_: structured_matmul(x_, b_, s_, factored=factored)
+    op = lambda x_, b_, s_: structured_matmul(x_, b_, s_, factored=factored, in_scan=ctx.layers > 1)
+    for _ in range(nb):
+        op = jax.vmap(op)
+
+    def f(x_, b_, s_):
+        # x is rearranged to [*batch, tokens, d_in] in here, so the op's residual is the model's own array:
+        # one residual for all the weights that contract the same activation (q, k, v), not a copy per use
+        xt = jnp.transpose(x_, perm)
+        return op(xt.reshape(xt.shape[:nb] + (tokens, d_in)), b_, s_)
     if ctx.layers > 1:
         # inside a scan: the op's residuals are its inputs (x, the layer's base, the structure), which JAX would
         # stack across layers -- a copy of every layer's base per step. Under a checkpoint that saves only dot
         # outputs the backward reads them from the scan's own inputs instead (XLA's peak: one base copy less).
         f = jax.checkpoint(f, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    for _ in range(nb):
-        f = jax.vmap(f)
-    y = f(x2, w.base, w.s)
+    y = f(xs, w.base, w.s)
     # y [*batch, tokens, d_out] -> the weight's free axes in view order, then in the dot's order
     free_sizes = [w.current_shape[wfree[j]] for j in f_order]
     y = y.reshape(y.shape[:nb] + lead + tuple(free_sizes))

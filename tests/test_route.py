@@ -290,6 +290,23 @@ def test_scanned_layers_keep_no_copy_of_the_base():
     assert weights and not (stacked & weights), stacked & weights
 
 
+def test_scanned_layers_save_the_models_own_activations():
+    """In a scan the structured op keeps the model's own activation as its residual, not a per-use copy
+    rearranged to ``[tokens, d_in]``: q, k and v, which contract the same normed input, stack it once (or
+    not at all where autodiff already keeps it). Before, each adapted kernel stacked its own ``[L, N, d_in]``
+    copy per step."""
+    params, loss, rules_for = D.make("linen_scan", CFG)
+    plan = rp.plan(rules_for(rp.lora(4)), params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    opt = optax.sgd(0.1)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    hlo = step.lower(rp.train.init_state(trainable, opt, jax.random.key(0)), frozen, BATCH).compile().as_text()
+    stacked = re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} dynamic-update-slice\(", hlo)
+    tokens = BATCH["ids"].size
+    copies = [s for s in stacked if s.split(",")[:2] == [str(CFG.layers), str(tokens)]]
+    assert stacked and not copies, copies
+
+
 def test_a_retrace_replaces_the_record():
     """A step traced again for another batch shape reports the uses of the program it traced last, not both."""
     plan, loss, frozen, trainable = _setup("linen", "lora")
