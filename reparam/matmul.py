@@ -122,11 +122,10 @@ def _tied(tree, t, tie: bool = True):
 def _materialised_bwd(tie, res, g):
     x, base, z, s = res
     inner, right = split(s)
+    v = _weight(*_tied((base, inner), g, tie), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
-    v = _weight(*_tied((base, inner), g, tie), x.dtype)
-    dx = _times_t(gz, v, base)
-    return dx, None, d_inner if right is None else right.r_pullback(z, g, d_inner)
+    return _times_t(gz, v, base), None, d_inner if right is None else right.r_pullback(z, g, d_inner)
 
 
 _materialised.defvjp(_materialised_fwd, _materialised_bwd)
