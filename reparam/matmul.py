@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import sampled, views
-from reparam.structure import _lazy, prefer_factored, split
+from reparam.structure import _lazy, dense_t, prefer_factored, split
 
 Array = jax.Array
 
@@ -48,11 +48,26 @@ def _weight(base, inner, dtype):
     """``W0 + inner`` in the base's dtype (the sum in f32), then in the compute dtype. A deferred base
     (:class:`reparam.views.Matrix`: quantised, or needing a transpose into its view) is formed here, for this
     layer only, in its grouped layout ``[*inp sizes, *out sizes]`` (``inner`` reshaped to it), which keeps a
-    sharding of any of its axes; :func:`_times` and :func:`_times_t` contract it."""
+    sharding of any of its axes; :func:`_times` contracts it (the backward's ``Wᵀ``: :func:`_weight_t`)."""
     if isinstance(base, views.Matrix):
         b = base.grouped()
         return (b.astype(jnp.float32) + inner.dense(base.shape).reshape(b.shape)).astype(b.dtype).astype(dtype)
     return (base.astype(jnp.float32) + inner.dense(base.shape)).astype(base.dtype).astype(dtype)
+
+
+def _grouped_t(base):
+    """A deferred base's kernel ``[*out sizes, *inp sizes]``: :meth:`reparam.views.Matrix.grouped` transposed."""
+    ni, no = (len(a) for a in base.sizes)
+    return base.grouped().transpose(tuple(range(ni, ni + no)) + tuple(range(ni)))
+
+
+def _weight_t(base, inner, dtype):
+    """``Wᵀ = W0ᵀ + ΔWᵀ`` for a deferred base, in its grouped layout transposed: ``[*out sizes, *inp sizes]``.
+    What the backward's ``g Wᵀ`` reads: formed as :func:`_weight` and then transposed, each element of ``ΔW``
+    would be read down a column (:func:`reparam.structure.dense_t` forms ``ΔWᵀ`` in this layout instead)."""
+    bt = _grouped_t(base)
+    dt = dense_t(inner, base.shape).reshape(bt.shape)
+    return (bt.astype(jnp.float32) + dt).astype(bt.dtype).astype(dtype)
 
 
 def _times(x, w, base):
@@ -64,13 +79,12 @@ def _times(x, w, base):
 
 
 def _times_t(g, w, base):
-    """``g [N, d_out] @ Wᵀ -> [N, d_in]``, ``W`` as :func:`_weight` gives it for ``base``."""
+    """``g [N, d_out] @ Wᵀ -> [N, d_in]``, ``W`` as :func:`_weight` gives it for ``base`` (a deferred base:
+    ``Wᵀ`` as :func:`_weight_t` gives it)."""
     if not isinstance(base, views.Matrix):
         return g @ w.T
-    inp, out = base.sizes
-    ni, no = len(inp), len(out)
-    return jnp.tensordot(g.reshape((g.shape[0],) + out), w,
-                         (tuple(range(1, 1 + no)), tuple(range(ni, ni + no)))).reshape(g.shape[0], -1)
+    out = base.sizes[1]
+    return jnp.tensordot(g.reshape((g.shape[0],) + out), w, len(out)).reshape(g.shape[0], -1)
 
 
 def _grad(s, x, g):
@@ -122,7 +136,8 @@ def _tied(tree, t, tie: bool = True):
 def _materialised_bwd(tie, res, g):
     x, base, z, s = res
     inner, right = split(s)
-    v = _weight(*_tied((base, inner), g, tie), x.dtype)
+    form = _weight_t if isinstance(base, views.Matrix) else _weight
+    v = form(*_tied((base, inner), g, tie), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
     return _times_t(gz, v, base), None, d_inner if right is None else right.r_pullback(z, g, d_inner)
@@ -139,7 +154,7 @@ def _deferred_product(x, base, tie):
 
 
 def _deferred_product_bwd(tie, base, g):
-    return _times_t(g, _tied(base, g, tie).grouped().astype(g.dtype), base), None
+    return _times_t(g, _grouped_t(_tied(base, g, tie)).astype(g.dtype), base), None
 
 
 _deferred_product.defvjp(lambda x, base, tie: (_deferred_product(x, base, tie), base), _deferred_product_bwd)

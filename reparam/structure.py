@@ -92,6 +92,9 @@ class LowRank:
         r = self.l.shape[-1]
         return r * (d_in + d_out), d_in * d_out * r
 
+    def dense_t(self, shape):
+        return self.r.T @ self.l.T
+
     def pullback(self, x, g, dw: DW, sampled_ok: bool = False):
         (tokens, d_in), d_out = x.shape, g.shape[1]
         if lowrank_grad_by_gemm(self.l.shape[-1], tokens, d_in, d_out, factors=1 if self.frozen else 2):
@@ -431,6 +434,12 @@ def split(s) -> tuple[object, object]:
 def dense(s, shape: tuple[int, int]) -> Array:
     """The ``[d_in, d_out]`` matrix ``ΔW`` of an additive structure."""
     return s.dense(shape)
+
+
+def dense_t(s, shape: tuple[int, int]) -> Array:
+    """``ΔWᵀ [d_out, d_in]``, formed in that layout where the kind can (low rank: ``rᵀ lᵀ``), so that a
+    backward reading ``Wᵀ`` row by row does not read ``ΔW`` down its columns."""
+    return s.dense_t(shape) if hasattr(s, "dense_t") else s.dense(shape).T
 
 
 def matvec(s, x: Array) -> Array:

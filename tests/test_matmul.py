@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import reparam as rp
 from reparam import matmul as mm
 from reparam import sampled
-from reparam import structure as S
+from reparam import structure as S, views
 from tests.hlo import dot_shapes
 from tests.methods import METHODS, calib_for, normal, perturb
 
@@ -46,6 +46,8 @@ def test_matvec_equals_dense(hi, ho, n, seed):
     for name, s in _structures(seed + 1, d_in, d_out).items():
         np.testing.assert_allclose(S.matvec(s, x), x @ S.dense(s, (d_in, d_out)), atol=1e-4, rtol=1e-4,
                                    err_msg=name)
+        np.testing.assert_allclose(S.dense_t(s, (d_in, d_out)), S.dense(s, (d_in, d_out)).T, atol=1e-5,
+                                   rtol=1e-5, err_msg=name)
         per_token, form = S.costs(s, (d_in, d_out))
         assert per_token > 0 and form > 0
 
@@ -71,6 +73,31 @@ def test_structured_matmul_matches_autodiff(kind, factored):
     g = jax.random.normal(jax.random.key(3), (n, d_out))
     ref = lambda x, s: x @ _weight(base, s)
     got = lambda x, s: mm.structured_matmul(x, base, s, factored=factored)
+    np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
+    gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled", "fourier", "haar"])
+def test_deferred_base_matches_autodiff(kind):
+    """A base that needs a transpose into its view (a fused ``[2, d, ffn]`` gate/up: ``d_in = d``, ``d_out = 2·ffn``),
+    formed inside the op (the backward's ``Wᵀ`` in its own layout, :func:`reparam.matmul._weight_t`): values and
+    gradients equal plain autodiff through the materialised weight."""
+    d, ffn, n = 8, 6, 5
+    structures = _structures(0, d, 2 * ffn)
+    c = 1.0 + 0.3 * jax.random.normal(jax.random.key(4), (2 * ffn,))
+    s = S.Scaled(structures["sum"], c) if kind == "scaled" else structures[kind]
+    w = jax.random.normal(jax.random.key(1), (2, d, ffn))
+    base = views.Matrix(w, (1,), (0, 2))
+    dense = w.transpose(1, 0, 2).reshape(d, 2 * ffn)
+    np.testing.assert_array_equal(base.array(), dense)
+    x = jax.random.normal(jax.random.key(2), (n, d))
+    g = jax.random.normal(jax.random.key(3), (n, 2 * ffn))
+    ref = lambda x, s: x @ _weight(dense, s)
+    got = lambda x, s: mm.structured_matmul(x, base, s, factored=False)
     np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
     gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
     gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
