@@ -59,6 +59,16 @@ def _weight(base, s):
     return base + S.dense(s, base.shape)
 
 
+def _assert_same(got, ref, x, s, g):
+    """``got(x, s)`` and its gradients (w.r.t. x and every float structure array, at cotangent g) equal ``ref``'s."""
+    np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
+    gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
+    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled", "fourier", "haar"])
 @pytest.mark.parametrize("factored", [True, False])
 def test_structured_matmul_matches_autodiff(kind, factored):
@@ -73,12 +83,7 @@ def test_structured_matmul_matches_autodiff(kind, factored):
     g = jax.random.normal(jax.random.key(3), (n, d_out))
     ref = lambda x, s: x @ _weight(base, s)
     got = lambda x, s: mm.structured_matmul(x, base, s, factored=factored)
-    np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
-    gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
-    gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
-    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    _assert_same(got, ref, x, s, g)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "kron", "sparse", "sum", "scaled", "fourier", "haar"])
@@ -98,12 +103,7 @@ def test_deferred_base_matches_autodiff(kind):
     g = jax.random.normal(jax.random.key(3), (n, 2 * ffn))
     ref = lambda x, s: x @ _weight(dense, s)
     got = lambda x, s: mm.structured_matmul(x, base, s, factored=False)
-    np.testing.assert_allclose(got(x, s), ref(x, s), atol=1e-5, rtol=1e-5)
-    gr = jax.grad(lambda x, s: jnp.sum(ref(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
-    gg = jax.grad(lambda x, s: jnp.sum(got(x, s) * g), argnums=(0, 1), allow_int=True)(x, s)
-    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(gg)):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    _assert_same(got, ref, x, s, g)
 
 
 def test_high_rank_gradient_from_one_gemm_matches_autodiff():
