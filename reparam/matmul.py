@@ -49,10 +49,13 @@ def _weight(base, inner, dtype):
     (:class:`reparam.views.Matrix`: quantised, or needing a transpose into its view) is formed here, for this
     layer only, in its grouped layout ``[*inp sizes, *out sizes]`` (``inner`` reshaped to it), which keeps a
     sharding of any of its axes; :func:`_times` contracts it (the backward's ``Wᵀ``: :func:`_weight_t`)."""
-    if isinstance(base, views.Matrix):
-        b = base.grouped()
-        return (b.astype(jnp.float32) + inner.dense(base.shape).reshape(b.shape)).astype(b.dtype).astype(dtype)
-    return (base.astype(jnp.float32) + inner.dense(base.shape)).astype(base.dtype).astype(dtype)
+    b = base.grouped() if isinstance(base, views.Matrix) else base
+    return _plus(b, inner.dense(base.shape), dtype)
+
+
+def _plus(b, d, dtype):
+    """``b + d`` (``d`` reshaped to ``b``) summed in f32, cast to ``b``'s dtype, then to the compute dtype."""
+    return (b.astype(jnp.float32) + d.reshape(b.shape)).astype(b.dtype).astype(dtype)
 
 
 def _grouped_t(base):
@@ -65,9 +68,7 @@ def _weight_t(base, inner, dtype):
     """``Wᵀ = W0ᵀ + ΔWᵀ`` for a deferred base, in its grouped layout transposed: ``[*out sizes, *inp sizes]``.
     What the backward's ``g Wᵀ`` reads: formed as :func:`_weight` and then transposed, each element of ``ΔW``
     would be read down a column (:func:`reparam.structure.dense_t` forms ``ΔWᵀ`` in this layout instead)."""
-    bt = _grouped_t(base)
-    dt = dense_t(inner, base.shape).reshape(bt.shape)
-    return (bt.astype(jnp.float32) + dt).astype(bt.dtype).astype(dtype)
+    return _plus(_grouped_t(base), dense_t(inner, base.shape), dtype)
 
 
 def _times(x, w, base):
