@@ -15,12 +15,20 @@ weight gradient at all -- the least any adapter's step can cost in that form. Al
 step once in a shuffled order (after ``--warmup`` untimed steps each). Reported: the median step (ms), its
 ratio to the same form's full fine-tuning step, XLA's GFLOP per compiled step (deterministic), the routed
 and fallen-back uses of the LoRA step (``step.routing``), and the ``xᵀg`` dots in its compiled HLO.
+
+``--processes=N`` runs the whole measurement in N fresh processes one after another and reports, per step,
+the median over processes of each process's median (ms and ratio to full), with every process's ratio
+listed: on a small shared machine the ratio moves more between processes than between rounds in one
+(same code, ``nn.scan`` LoRA / full 0.71-0.82 in single-process runs on 2026-12-04).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -99,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of " + ",".join(FORMS))
+    ap.add_argument("--processes", type=int, default=1, help="fresh processes to repeat the measurement in")
     ap.add_argument("--tag", default="decoder_forms")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
@@ -110,6 +119,44 @@ def main(argv=None):
     unknown = set(args.forms.split(",")) - set(FORMS)
     if unknown or not forms:
         ap.error(f"--forms: unknown {sorted(unknown)}; choose from {','.join(FORMS)}")
+    cmd = "python -m benchmarks.decoder_forms" + (f" --rounds={args.rounds}" if args.rounds != 7 else "") + \
+        (f" --forms={','.join(forms)}" if forms != FORMS else "") + \
+        (f" --processes={args.processes}" if args.processes != 1 else "")
+    if args.processes > 1:
+        rows = in_processes(args, forms)
+        where = f"medians over {args.processes} processes of each one's median of {args.rounds} interleaved rounds"
+    else:
+        rows = measure(args, cfg, batch, opt, forms)
+        where = f"medians of {args.rounds} interleaved rounds in one process"
+    head = (f"Llama-style decoder (vocab {cfg.vocab}, d {cfg.d}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads, "
+            f"SwiGLU {cfg.ffn}), batch {args.batch} x {args.seq}, AdamW; {where}, "
+            f"{jax.device_count()} x {jax.devices()[0].platform}; `{cmd}`")
+    report(args, forms, rows, head)
+
+
+def in_processes(args, forms) -> list[dict]:
+    """The measurement in ``args.processes`` fresh processes, one after another; per step the median of their
+    medians (ms, ratio to full), each process's ratio in ``x_full_runs``."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            print(f"process {i + 1}/{args.processes}", flush=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.decoder_forms", f"--rounds={args.rounds}",
+                            f"--batch={args.batch}", f"--seq={args.seq}", f"--forms={','.join(forms)}",
+                            f"--tag=p{i}", f"--out={tmp}"], check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(tmp, f"p{i}.json")) as f:
+                runs.append(json.load(f)["rows"])
+    rows = []
+    for same in zip(*runs):
+        row = dict(same[0])
+        row.update(ms=float(np.median([r["ms"] for r in same])), x_full=float(np.median([r["x_full"] for r in same])),
+                   x_full_runs=[r["x_full"] for r in same], times=[r["times"] for r in same])
+        rows.append(row)
+    return rows
+
+
+def measure(args, cfg, batch, opt, forms) -> list[dict]:
+    """One process: every step compiled, then ``args.rounds`` shuffled rounds; a row per (form, kind)."""
     steps = build(cfg, batch, opt, forms)
     times = {k: [] for k in steps}
     order = np.random.default_rng(0)
@@ -130,18 +177,21 @@ def main(argv=None):
                              gflop_x_full=s["gflop"] / steps[(form, "full")]["gflop"], peak_mb=s["peak_mb"],
                              trainable=s["trainable"], xtg_dots=s["xtg"], routed_uses=s["routed"],
                              fallback_uses=s["fallbacks"], times=times[(form, kind)]))
-    cmd = "python -m benchmarks.decoder_forms" + (f" --rounds={args.rounds}" if args.rounds != 7 else "") + \
-        (f" --forms={','.join(forms)}" if forms != FORMS else "")
-    head = (f"Llama-style decoder (vocab {cfg.vocab}, d {cfg.d}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads, "
-            f"SwiGLU {cfg.ffn}), batch {args.batch} x {args.seq}, AdamW; medians of {args.rounds} interleaved rounds "
-            f"in one process, {jax.device_count()} x {jax.devices()[0].platform}; `{cmd}`")
+    return rows
+
+
+def report(args, forms, rows, head):
+    """The table (stdout, ``.md``), the rows (``.json``) and the bar chart (``.png``)."""
+    runs = "x_full_runs" in rows[0]
     lines = [head, "", "| form | step | ms | x full FT | GFLOP | GFLOP x full | XLA peak MB | trainable | xᵀg dots | "
-             "uses routed / fallen back |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "uses routed / fallen back |" + (" x full FT per process |" if runs else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if runs else "")]
     for r in rows:
         dots = "" if r["xtg_dots"] is None else str(r["xtg_dots"])
         uses = "" if r["routed_uses"] is None else f"{r['routed_uses']} / {r['fallback_uses']}"
+        each = f" {', '.join(f'{v:.2f}' for v in r['x_full_runs'])} |" if runs else ""
         lines.append(f"| {r['form']} | {r['kind']} | {r['ms']:.1f} | {r['x_full']:.2f} | {r['gflop']:.2f} | "
-                     f"{r['gflop_x_full']:.2f} | {r['peak_mb']:.0f} | {r['trainable']:,} | {dots} | {uses} |")
+                     f"{r['gflop_x_full']:.2f} | {r['peak_mb']:.0f} | {r['trainable']:,} | {dots} | {uses} |{each}")
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
@@ -155,8 +205,11 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     x = np.arange(len(forms))
     for j, kind in enumerate(KINDS[1:]):
-        ax.bar(x + (j - 1) * 0.27, [next(r["x_full"] for r in rows if r["form"] == f and r["kind"] == kind)
-                                    for f in forms], 0.27, label=kind)
+        mine = [next(r for r in rows if r["form"] == f and r["kind"] == kind) for f in forms]
+        ax.bar(x + (j - 1) * 0.27, [r["x_full"] for r in mine], 0.27, label=kind)
+        if runs:                                    # every process's ratio
+            for i, r in enumerate(mine):
+                ax.plot([x[i] + (j - 1) * 0.27] * len(r["x_full_runs"]), r["x_full_runs"], "k.", ms=3)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.75, color="g", ls="--", lw=0.8, label="target 0.75")
     ax.set(xticks=x, xticklabels=forms, ylabel="step / full fine-tuning step", title="LoRA step by model form")
