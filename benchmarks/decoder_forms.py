@@ -5,13 +5,16 @@
 
 The decoder of ``experiments/models/decoder_forms.py`` (vocab 512, d 256, 4 layers, 8 query / 2 KV heads,
 SwiGLU 768, RMSNorm, RoPE, tied embedding) as linen per-layer ``nn.Dense`` (and the same under
-``nn.remat``), linen ``nn.scan`` with ``DenseGeneral`` / ``Einsum``, Flax NNX (per layer, and ``nnx.vmap`` +
+``nn.remat``), linen ``nn.scan`` with ``DenseGeneral`` / ``Einsum`` (and the same with the scanned block under
+``nn.remat``, saving the projections' outputs: ``linen_scan_remat``), Flax NNX (per layer, and ``nnx.vmap`` +
 ``nnx.scan``), and a plain function of a dict
 (``lax.scan`` + ``jax.checkpoint``); batch 8 x 64 tokens; AdamW. Per form, three steps: full fine-tuning
 (every parameter trained), LoRA r=8 on q/k/v/o/gate/up/down (the default ``matmul="auto"``: routed), and
 the same LoRA with ``matmul="autodiff"`` (plain autodiff through the materialised weights, which forms every
 ``dW = xᵀg``), and a floor: only the RMSNorm scales trained, a backward through every layer that forms no
-weight gradient at all -- the least any adapter's step can cost in that form. All steps are compiled first, then timed round-robin: ``--rounds`` rounds, each running every
+weight gradient at all -- the least any adapter's step can cost in that form. The routed LoRA step
+recomputes the body of a scan in its backward (``make_train_step(scan_remat=...)``, the default) unless the
+model already checkpoints it; the full, autodiff and floor steps run the model as written. All steps are compiled first, then timed round-robin: ``--rounds`` rounds, each running every
 step once in a shuffled order (after ``--warmup`` untimed steps each). Reported: the median step (ms), its
 ratio to the same form's full fine-tuning step, XLA's GFLOP per compiled step (deterministic), the routed
 and fallen-back uses of the LoRA step (``step.routing``), and the ``xᵀg`` dots in its compiled HLO.
@@ -40,7 +43,8 @@ from benchmarks.timing import peak_bytes
 from experiments.models import decoder_forms as D
 
 OUT = os.path.join(os.path.dirname(__file__), "results")
-FORMS = ("linen", "linen_remat", "linen_scan", "nnx", "nnx_scan", "function")
+FORMS = ("linen", "linen_remat", "linen_scan", "linen_scan_remat", "nnx", "nnx_scan", "function")
+MODEL = {"linen_remat": "linen", "linen_scan_remat": "linen_scan"}     # forms of a model under its own remat
 KINDS = ("full", "lora", "lora@autodiff", "floor")
 NORMS = {"linen": r"layers_\d+/(attn|mlp)_norm/scale", "linen_scan": r"layers/(attn|mlp)_norm/scale",
          "nnx": r"layers/\d+/(attn|mlp)_norm/scale", "nnx_scan": r"layers/(attn|mlp)_norm/scale",
@@ -69,14 +73,13 @@ def _xtg_dots(hlo: str, plan, tokens: int) -> int:
 def build(cfg: D.Config, batch: dict, opt, forms=FORMS) -> dict:
     steps = {}
     for form in forms:
-        params, loss, rules_for = D.make("linen" if form == "linen_remat" else form, cfg,
-                                         remat=form == "linen_remat")
+        params, loss, rules_for = D.make(MODEL.get(form, form), cfg, remat=form in MODEL)
         for kind in KINDS:
             t0 = time.perf_counter()
             if kind == "full":
                 rules = [(".*", rp.full())]
             elif kind == "floor":           # only the norm scales: a backward through every layer, no weight gradient
-                rules = [(NORMS["linen" if form == "linen_remat" else form], rp.full())]
+                rules = [(NORMS[MODEL.get(form, form)], rp.full())]
             else:
                 rules = rules_for(rp.lora(8, alpha=16))
             plan = rp.plan(rules, params)

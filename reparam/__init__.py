@@ -25,7 +25,7 @@ The public API, as a table of contents:
               norm_barriers (after linen LayerNorm/RMSNorm)
   route       routing any model's contractions of adapted weights to the hot path (jaxpr re-evaluation:
               scan, NNX, einsum, remat, nested jit); Routing, the record a traced step keeps
-  train       TrainState, init_state, make_train_step (matmul="auto"|..., remat), make_eval_step,
+  train       TrainState, init_state, make_train_step (matmul="auto"|..., remat, scan_remat), make_eval_step,
               use_huge_pages (CPU: 2 MiB pages for XLA's per-step temporaries)
   sharding    mesh("data:4,model:2"), DEFAULT_RULES, specs (base rules -> derived adapter/opt specs),
               put, shard_batch, global_batch, initialize (jax.distributed), make_train_step

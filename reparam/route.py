@@ -17,7 +17,10 @@ evaluation re-binds every equation as it was, except where a :class:`Weight` flo
   stacked axes), whose backward gives the structure's gradient from ``(x, g)`` and never forms ``xᵀg``;
 - ``scan`` (``nn.scan``, ``nnx.scan``, ``jax.lax.scan``): a stacked weight scanned over its leading layer axis
   enters the new scan as its base and structure arrays, sliced per layer with the carry; the body is
-  evaluated the same way;
+  evaluated the same way, and by default (``scan_remat``) recomputed in the backward under a checkpoint
+  policy that keeps the projections' outputs: the adapters' gradients need every layer's input ``x``,
+  which a scan would otherwise stack (write, and zero-fill first) for the backward, and on XLA:CPU
+  recomputing it costs less than that;
 - nested ``jit`` is inlined, ``remat`` / ``jax.checkpoint`` is re-applied around the evaluated body with
   its own policy;
 - anything else that consumes a :class:`Weight` (a ``gather`` -- an embedding lookup --, a ``while`` /
@@ -53,6 +56,7 @@ class Use(NamedTuple):
     tokens: int = 0                 # rows of x per call (routed uses)
     layers: int = 1                 # calls per step from enclosing scans (their lengths' product)
     reason: str = ""                # why a use fell back
+    remat: str = ""                 # the checkpoint policy the router put around an enclosing scan's body
 
 
 class Routing:
@@ -81,7 +85,7 @@ class Routing:
             return "unused by the loss"
         routed = [u for u in sites if u.route != "autodiff"]
         kinds = sorted({f"{u.route} @ {u.tokens} tok" + (f" x{u.layers} layers" if u.layers > 1 else "")
-                        for u in routed})
+                        + (f", scan body rematerialised: {u.remat}" if u.remat else "") for u in routed})
         text = f"{len(routed)}/{len(sites)} routed" + (f" ({', '.join(kinds)})" if kinds else "")
         reasons = sorted({u.reason for u in sites if u.route == "autodiff"})
         return text + (f"; autodiff: {', '.join(reasons)}" if reasons else "")
@@ -258,7 +262,7 @@ def _contract(eqn, x, w: Weight, w_lhs: bool, site, ctx: "_Ctx"):
     x_part = list(range(nb, nb + nx))
     y = jnp.transpose(y, tuple(range(nb)) + tuple(w_part + x_part if w_lhs else x_part + w_part))
     aval = eqn.outvars[0].aval
-    ctx.record.add(w.path, site, Use("factored" if factored else "materialised", tokens, ctx.layers))
+    ctx.record.add(w.path, site, Use("factored" if factored else "materialised", tokens, ctx.layers, remat=ctx.remat))
     return y.reshape(aval.shape).astype(aval.dtype), None
 
 
@@ -273,6 +277,7 @@ def _bind(eqn, args):
     return out if eqn.primitive.multiple_results else [out]
 
 
+_REMAT = ("remat", "remat2", "checkpoint")
 _REASONS = {"gather": "gather (embedding lookup)",
             "sharding_constraint": "sharding constraint on the effective weight (kept: it is materialised)",
             "dynamic_slice": "dynamic_slice (a traced index)",
@@ -284,6 +289,8 @@ class _Ctx(NamedTuple):
     mode: Optional[bool]
     record: Routing
     layers: int = 1
+    scan_remat: Optional[Callable] = None     # the checkpoint policy for scan bodies (None: as written)
+    remat: str = ""                           # its name, inside a body it applies to
 
 
 def _materialise(v, ctx: _Ctx, reason: str, site):
@@ -335,7 +342,7 @@ def _rule(eqn, ins, ctx: _Ctx) -> list:
         if isinstance(inner, jcore.ClosedJaxpr):
             return _eval(inner.jaxpr, inner.consts, ins, ctx)
         return _eval(inner, [], ins, ctx)
-    if name in ("remat", "remat2", "checkpoint"):
+    if name in _REMAT:
         return _remat(eqn, ins, ctx)
     if name == "scan":
         return _scan(eqn, ins, ctx)
@@ -362,6 +369,12 @@ def _remat(eqn, ins, ctx: _Ctx) -> list:
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*flat))
 
 
+def _has_remat(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a jaxpr inside it) holds a ``remat`` / ``jax.checkpoint``."""
+    return any(e.primitive.name in _REMAT or any(_has_remat(j) for j in jcore.jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
 def _scan(eqn, ins, ctx: _Ctx) -> list:
     p = eqn.params
     nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
@@ -378,27 +391,34 @@ def _scan(eqn, ins, ctx: _Ctx) -> list:
                 v = per_layer
         sliced.append(v)
     flat_xs, unpack = _pack(sliced)
-    inner = _Ctx(ctx.mode, ctx.record, ctx.layers * length)
     body = p["jaxpr"]
+    # a body the model already checkpoints keeps the model's own policy
+    policy = None if _has_remat(body.jaxpr) else ctx.scan_remat
+    name = "" if policy is None else getattr(policy, "__name__", repr(policy))
+    inner = ctx._replace(layers=ctx.layers * length, remat=name or ctx.remat)
 
     def f(carry, x):
         vals = unpack(x)
         outs = _eval(body.jaxpr, body.consts, list(consts) + list(carry) + vals, inner)
         return outs[:nk], outs[nk:]
+    if policy is not None:
+        f = jax.checkpoint(f, prevent_cse=False, policy=policy)
     carry, ys = jax.lax.scan(f, init, flat_xs, length=length, reverse=p["reverse"], unroll=p["unroll"])
     return list(carry) + list(ys)
 
 
 def routed_call(fn: Callable, weights: dict[int, Weight], args: tuple, *, mode: Optional[bool],
-                record: Routing) -> Any:
+                record: Routing, scan_remat: Optional[Callable] = None) -> Any:
     """``fn(*args)`` with the leaves of ``args`` at the flat positions in ``weights`` replaced by those
     :class:`Weight` s (``args`` holds an array of the effective weight's shape and dtype there, which is not
-    read): traced once to a jaxpr, then evaluated with the weights routed as the module docstring says."""
+    read): traced once to a jaxpr, then evaluated with the weights routed as the module docstring says.
+    ``scan_remat``: a ``jax.checkpoint`` policy put around the body of every scan an adapted weight enters
+    (None: the body as written)."""
     flat, tree = jax.tree_util.tree_flatten(args)
     abstract = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) if i in weights else a
                 for i, a in enumerate(flat)]
     closed, out_shape = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(tree, xs)),
                                        return_shape=True)(*abstract)
     inputs = [weights.get(i, a) for i, a in enumerate(flat)]
-    outs = _eval(closed.jaxpr, closed.consts, inputs, _Ctx(mode, record))
+    outs = _eval(closed.jaxpr, closed.consts, inputs, _Ctx(mode, record, scan_remat=scan_remat))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

@@ -400,7 +400,7 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
                     specs: Specs, *, data_axes: Optional[Sequence[str]] = None, donate: bool = True,
                     constrain: bool = False, **train_kwargs) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)`` of :func:`reparam.train.make_train_step` (which
-    gets ``train_kwargs``: ``remat``, ``matmul``), jitted with ``in_shardings=(specs.state, specs.frozen,
+    gets ``train_kwargs``: ``remat``, ``matmul``, ``scan_remat``), jitted with ``in_shardings=(specs.state, specs.frozen,
     batch over data_axes)`` and ``out_shardings=(specs.state, replicated metrics)``; the state is donated.
 
     Every batch leaf has a leading batch dim, split over ``data_axes`` (default: the mesh's ``data`` and

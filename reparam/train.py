@@ -77,10 +77,12 @@ class TrainStep:
 
 
 def routed_loss(plan: Plan, loss_fn: Callable, frozen: PyTree, trainable: PyTree, batch: Any, k_apply, k_loss, *,
-                one=None, mode: Optional[bool] = None, routing: Optional[route.Routing] = None):
+                one=None, mode: Optional[bool] = None, routing: Optional[route.Routing] = None,
+                scan_remat: Optional[Callable] = None):
     """``loss_fn(plan.apply(frozen, trainable, k_apply), batch, k_loss)`` with every contraction that consumes an
     adapted weight with a ΔW structure run by the structured op (:mod:`reparam.route`), and a cotangent barrier
-    after each linen LayerNorm/RMSNorm when ``one`` is given (:func:`reparam.matmul.norm_barriers`)."""
+    after each linen LayerNorm/RMSNorm when ``one`` is given (:func:`reparam.matmul.norm_barriers`), and the body
+    of every scan an adapted weight enters under the checkpoint policy ``scan_remat`` (None: as written)."""
     routing = route.Routing() if routing is None else routing
     structures = plan.structures(frozen, trainable, rng=k_apply)
     skip = {i for i, s in enumerate(structures) if s is not None}
@@ -95,12 +97,19 @@ def routed_loss(plan: Plan, loss_fn: Callable, frozen: PyTree, trainable: PyTree
                                       groups=tuple((a,) for a in range(len(leaf.shape))), dtype=base.dtype)
     params = plan.treedef.unflatten(values)
     with mm.norm_barriers(one):
-        return route.routed_call(loss_fn, weights, (params, batch, k_loss), mode=mode, record=routing)
+        return route.routed_call(loss_fn, weights, (params, batch, k_loss), mode=mode, record=routing,
+                                 scan_remat=scan_remat)
+
+
+# The scan-body policy of routed steps: keep the projections' outputs, recompute the rest in the backward. The
+# adapters' gradients need each layer's input x, which a scan would otherwise stack for every layer; on
+# XLA:CPU stacking those buffers costs more than recomputing (benchmarks/decoder_forms.py, README).
+SCAN_REMAT = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     donate: bool = True, jit: bool = True, remat: bool = False,
-                    matmul: str = "auto") -> Callable:
+                    matmul: str = "auto", scan_remat: Optional[Callable] = SCAN_REMAT) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``, with ``step.routing`` (:class:`reparam.route.Routing`).
 
     ``loss_fn(params, batch, rng) -> loss`` or ``(loss, metrics)``, where
@@ -111,6 +120,12 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
     peak memory for about one more forward per step. ``matmul``: ``"auto"``,
     ``"factored"``, ``"materialised"`` or ``"autodiff"`` (see the module docstring);
     with ``"auto"`` a warning names the structured weights whose uses fell back to autodiff.
+
+    ``scan_remat`` (routed steps): the ``jax.checkpoint`` policy put around the body of every scan over layers
+    that an adapted weight enters, so the backward recomputes what the policy does not save instead of
+    reading it from buffers the scan stacks for every layer (:data:`SCAN_REMAT`, the default, saves the
+    outputs of non-batched dots: the projections); ``None`` leaves the body as the model wrote it. It is
+    recorded with each use in ``step.routing``.
     """
     modes = {"auto": None, "factored": True, "materialised": False, "autodiff": None}
     if matmul not in modes:
@@ -126,7 +141,8 @@ def make_train_step(plan: Plan, loss_fn: Callable, optimizer: optax.GradientTran
             if matmul == "autodiff":
                 return loss_fn(plan.apply(frozen, trainable, rng=k_apply), batch, k_loss)
             return routed_loss(plan, loss_fn, frozen, trainable, batch, k_apply, k_loss,
-                               one=mm.runtime_one(state.step), mode=modes[matmul], routing=routing)
+                               one=mm.runtime_one(state.step), mode=modes[matmul], routing=routing,
+                               scan_remat=scan_remat)
 
         def objective(trainable):
             loss, metrics = _split_loss(forward(trainable))

@@ -5,6 +5,7 @@ NNX, a plain function of a dict under lax.scan and jax.checkpoint) trains with t
 of plain autodiff; its compiled LoRA step forms no xᵀg in any form; uses the router cannot take are
 reported and warned about, and still train correctly.
 """
+import math
 import re
 import warnings
 
@@ -276,35 +277,60 @@ def test_peft_export_unstacks_stacked_kernels(tmp_path):
                                base_modules=torch_modules)
 
 
-def _stacked_buffers(form):
+def _stacked_buffers(form, **kw):
     """``(plan, shapes)``: the LoRA plan of the decoder written as ``form`` and the shapes (``"2,30,32"``) of
-    every buffer its compiled step writes with a dynamic-update-slice -- a scan's stacked outputs."""
+    every buffer its compiled step (``make_train_step(**kw)``) writes with a dynamic-update-slice -- a scan's
+    stacked outputs."""
     params, loss, rules_for = D.make(form, CFG)
     plan = rp.plan(rules_for(rp.lora(4)), params)
     frozen, trainable = plan.init(jax.random.key(1), params)
     opt = optax.sgd(0.1)
-    step = rp.train.make_train_step(plan, loss, opt, donate=False)
+    step = rp.train.make_train_step(plan, loss, opt, donate=False, **kw)
     hlo = step.lower(rp.train.init_state(trainable, opt, jax.random.key(0)), frozen, BATCH).compile().as_text()
     return plan, re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} dynamic-update-slice\(", hlo)
 
 
 def test_scanned_layers_keep_no_copy_of_the_base():
     """In a scan the structured op's residuals are not stacked per layer: the compiled LoRA step writes no
-    slice of a weight's shape into a stacked buffer (without the op's checkpoint it writes one per kernel)."""
-    plan, stacked = _stacked_buffers("nnx_scan")
-    weights = {",".join(map(str, leaf.shape)) for leaf in plan.leaves if leaf.transform is not None}
-    assert weights and not (set(stacked) & weights), set(stacked) & weights
+    slice of a weight's shape into a stacked buffer (without the op's checkpoint it writes one per kernel), with
+    the scan body as the model wrote it (``scan_remat=None``) as well as recomputed."""
+    for scan_remat in (None, rp.train.SCAN_REMAT):
+        plan, stacked = _stacked_buffers("nnx_scan", scan_remat=scan_remat)
+        weights = {",".join(map(str, leaf.shape)) for leaf in plan.leaves if leaf.transform is not None}
+        assert weights and not (set(stacked) & weights), set(stacked) & weights
 
 
 def test_scanned_layers_save_the_models_own_activations():
     """In a scan the structured op keeps the model's own activation as its residual, not a per-use copy
     rearranged to ``[tokens, d_in]``: q, k and v, which contract the same normed input, stack it once (or
     not at all where autodiff already keeps it). Before, each adapted kernel stacked its own ``[L, N, d_in]``
-    copy per step."""
-    _, stacked = _stacked_buffers("linen_scan")
+    copy per step. (The scan body as the model wrote it: ``scan_remat=None``.)"""
+    _, stacked = _stacked_buffers("linen_scan", scan_remat=None)
     tokens = BATCH["ids"].size
     copies = [s for s in stacked if s.split(",")[:2] == [str(CFG.layers), str(tokens)]]
     assert stacked and not copies, copies
+
+
+@pytest.mark.parametrize("form", ["linen_scan", "nnx_scan", "function"])
+def test_recomputed_scan_bodies_stack_less(form):
+    """With the default ``scan_remat`` a scan's body is recomputed in the backward: the compiled LoRA step
+    stacks fewer elements per step than with the body as written (the adapters' inputs x among them), and
+    every routed use says so in the record. A body the model already checkpoints (the function form's
+    ``jax.checkpoint`` layer) keeps the model's policy: the same program, nothing said."""
+    size = lambda shapes: sum(math.prod(map(int, s.split(","))) for s in shapes)
+    _, as_written = _stacked_buffers(form, scan_remat=None)
+    _, recomputed = _stacked_buffers(form)
+    own = form == "function"
+    assert size(recomputed) == size(as_written) if own else size(recomputed) < size(as_written), \
+        (recomputed, as_written)
+    params, loss, rules_for = D.make(form, CFG)
+    plan = rp.plan(rules_for(rp.lora(4)), params)
+    frozen, trainable = plan.init(jax.random.key(1), params)
+    for scan_remat, said in ((rp.train.SCAN_REMAT, not own), (None, False)):
+        step = rp.train.make_train_step(plan, loss, optax.sgd(0.1), donate=False, scan_remat=scan_remat)
+        step.lower(rp.train.init_state(trainable, optax.sgd(0.1), jax.random.key(0)), frozen, BATCH)
+        cells = [step.routing.cell(p) for p in plan.adapted()]
+        assert cells and all(("scan body rematerialised" in c) == said for c in cells), cells
 
 
 def test_a_retrace_replaces_the_record():

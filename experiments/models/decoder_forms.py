@@ -5,7 +5,8 @@ RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embedding; the same maths i
     "linen"        linen, one module per layer, ``nn.Dense`` projections (``remat=True``: ``nn.remat(Block)``)
     "linen_scan"   linen, ``nn.scan`` over a stacked ``layers`` module (MaxText's layout): ``nn.DenseGeneral`` q/k/v
                    ``[L, d, heads, hd]`` and out ``[L, heads, hd, d]``, ``nn.Einsum`` fused gate/up ``[L, 2, d, ffn]``
-                   and down ``[L, ffn, d]``
+                   and down ``[L, ffn, d]`` (``remat=True``: the scanned block under ``nn.remat``, saving the
+                   outputs of non-batched dots)
     "nnx"          Flax NNX, ``nnx.Linear`` per layer; the loss merges ``(graphdef, params)`` (``nnx.split``)
     "nnx_scan"     Flax NNX, the layers created by ``nnx.vmap`` (stacked ``[L, d_in, d_out]`` kernels) and run by
                    ``nnx.scan``
@@ -129,13 +130,16 @@ class ScanBlock(nn.Module):
 
 class ScanDecoder(nn.Module):
     cfg: Config
+    remat: bool = False     # the scanned block under nn.remat, saving the projections' outputs (as MaxText)
 
     @nn.compact
     def __call__(self, ids):
         c = self.cfg
         embed = nn.Embed(c.vocab, c.d, name="embed")
         x = embed(ids).astype(c.dtype)
-        stack = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.layers)
+        block = nn.remat(ScanBlock, prevent_cse=False,
+                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable) if self.remat else ScanBlock
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.layers)
         x, _ = stack(c, name="layers")(x, None)
         return embed.attend(nn.RMSNorm(dtype=c.dtype, name="final_norm")(x))
 
@@ -252,7 +256,7 @@ def make(form: str, c: Config = Config(), key=None, *, remat: bool = False):
     ids = jnp.zeros((1, 8), jnp.int32)
     rules_for = lambda t: _rules(form, t)
     if form in ("linen", "linen_scan"):
-        model = LinenDecoder(c, remat=remat) if form == "linen" else ScanDecoder(c)
+        model = LinenDecoder(c, remat=remat) if form == "linen" else ScanDecoder(c, remat=remat)
         params = model.init(key, ids)["params"]
         loss = lambda p, batch, rng: next_token_loss(model.apply({"params": p}, batch["ids"]), batch["ids"])
         return params, loss, rules_for
