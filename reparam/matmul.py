@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam import sampled, views
-from reparam.structure import _lazy, dense_t, prefer_factored, split
+from reparam.structure import _lazy, dense_t, grad_probe, prefer_factored, split
 
 Array = jax.Array
 
@@ -114,8 +114,9 @@ def _materialised_fwd(x, base, s, tie):
 
 
 def _tied(tree, t, tie: bool = True):
-    """``tree`` (a base and a structure) made to depend on the array ``t`` (the layer's input, or its output's
-    cotangent): every array plus a zero computed from ``t`` at run time. A layer's weight-sized intermediates
+    """``tree`` (a base and a structure) made to depend on the array ``t`` (the layer's input; in the backward,
+    the structure's gradient, formed from the output's cotangent): every array plus a zero computed from ``t``
+    at run time. A layer's weight-sized intermediates
     formed from it -- a quantised base's f32 dequantisation, ``ΔW``, ``W0 + ΔW`` -- then exist only from
     when ``t`` does to their one use: XLA can neither compute every layer's at the start (its scheduler
     would, as they depend on parameters only) nor share the forward's with the backward (common-subexpression
@@ -138,9 +139,11 @@ def _materialised_bwd(tie, res, g):
     x, base, z, s = res
     inner, right = split(s)
     form = _weight_t if isinstance(base, views.Matrix) else _weight
-    v = form(*_tied((base, inner), g, tie), x.dtype)
     gz = g if right is None else right.times_t(g)              # the cotangent of z = x @ (W0 + inner)
     d_inner = _grad(inner, x, gz)
+    # W waits for the structure's gradient, not for g itself: reading an element of g would make XLA compute
+    # g's producer apart from g's own fusion (a GELU's derivative: its exp in a pass of its own)
+    v = form(*_tied((base, inner), grad_probe(inner, d_inner), tie), x.dtype)
     return _times_t(gz, v, base), None, d_inner if right is None else right.r_pullback(z, g, d_inner)
 
 

@@ -108,6 +108,9 @@ class LowRank:
         dr = jnp.einsum("nr,nk->rk", x @ self.l.astype(x.dtype), g)
         return LowRank(dl.astype(self.l.dtype), dr.astype(self.r.dtype), self.frozen)
 
+    def grad_probe(self, d):
+        return d.r if self.frozen == "l" else d.l
+
 
 # --- Kronecker ----------------------------------------------------------------------------------------
 # From this many tokens per call, dense Kronecker blocks too large for the per-token products (SoKA) take
@@ -299,6 +302,9 @@ class Sum:
     def pullback(self, x, g, dw: DW, sampled_ok: bool = False):
         return Sum(tuple(p.pullback(x, g, dw, sampled_ok) for p in self.parts))
 
+    def grad_probe(self, d):
+        return grad_probe(self.parts[0], d.parts[0])
+
 
 @struct.dataclass
 class InBasis:
@@ -365,6 +371,9 @@ class InBasis:
             sampled_ok = False      # 2N complex rows cost more than the dense xᵀg's real-FFT adjoint
         d_inner = inner.pullback(xt, self.scale * gt, _lazy(lambda: self.scale * self.adjoint(dw())), sampled_ok)
         return self.replace(inner=d_inner)
+
+    def grad_probe(self, d):
+        return grad_probe(self.inner, d.inner)
 
 
 def half_spectrum_grad(s: InBasis, x, g):
@@ -440,6 +449,14 @@ def dense_t(s, shape: tuple[int, int]) -> Array:
     """``ΔWᵀ [d_out, d_in]``, formed in that layout where the kind can (low rank: ``rᵀ lᵀ``), so that a
     backward reading ``Wᵀ`` row by row does not read ``ΔW`` down its columns."""
     return s.dense_t(shape) if hasattr(s, "dense_t") else s.dense(shape).T
+
+
+def grad_probe(s, d) -> Array:
+    """One array of ``d``, the gradient that ``s.pullback`` returned, that the train step uses: a trained
+    factor's, never the cotangent of a frozen one (``LowRank.frozen``), which XLA would otherwise drop. Kinds
+    whose arrays all train give their first (:func:`reparam.matmul._tied` makes the backward's weight wait
+    for it)."""
+    return s.grad_probe(d) if hasattr(s, "grad_probe") else jax.tree_util.tree_leaves(d)[0]
 
 
 def matvec(s, x: Array) -> Array:

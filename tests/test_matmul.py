@@ -52,6 +52,22 @@ def test_matvec_equals_dense(hi, ho, n, seed):
         assert per_token > 0 and form > 0
 
 
+def test_grad_probe_is_a_trained_array_of_the_gradient():
+    """What the backward's weight waits for (``reparam.matmul._tied``): one array of the structure's own gradient,
+    for every kind, and for low rank the trained factor's, never a frozen one's cotangent (which XLA drops)."""
+    x, g = jnp.asarray(normal(0, (5, 6))), jnp.asarray(normal(1, (5, 4)))
+    pull = lambda s: s.pullback(x, g, S._lazy(lambda: x.T @ g))            # noqa: E731
+    for name, s in _structures(2, 6, 4).items():
+        d = pull(s)
+        assert any(S.grad_probe(s, d) is leaf for leaf in jax.tree.leaves(d)), name
+    kinds = _structures(2, 6, 4)
+    for frozen, trained in (("", "l"), ("l", "r"), ("r", "l")):
+        s = kinds["lowrank"].replace(frozen=frozen)
+        d = pull(s)
+        assert S.grad_probe(s, d) is getattr(d, trained), frozen
+        assert S.grad_probe(S.Sum((s, kinds["sparse"])), S.Sum((d, pull(kinds["sparse"])))) is getattr(d, trained)
+
+
 def _weight(base, s):
     """The effective weight, plainly: ``base + ΔW``, or ``(base + inner) · c`` for ``Scaled`` (DoRA)."""
     if isinstance(s, S.Scaled):
