@@ -118,53 +118,50 @@ def _standalone(mnk, threads: int) -> tuple[float, float | None]:
 
 
 def profile(method: str, warmup: int, steps: int):
-    """Per-step op durations of the traced step, by instruction name, and the compiled HLO text."""
+    """``(per-step times of each instruction (:func:`_shares`), the compiled HLO text, median untraced step ms)``."""
     import jax
     import optax
     from jax.profiler import ProfileData
 
     import reparam as rp
     from benchmarks import minilm
+    from benchmarks.timing import median, run_steps
 
     clf, params, batch, loss_fn = minilm.model_and_batch(32, 64)
     plan, frozen, trainable = minilm.init_method(method, clf, params, batch, loss_fn)
     opt = optax.adamw(1e-4)
-    step = rp.train.make_train_step(plan, loss_fn, opt, donate=False)
+    step = rp.train.make_train_step(plan, loss_fn, opt)
     state = rp.train.init_state(trainable, opt, jax.random.key(2))
     compiled = step.lower(state, frozen, batch).compile()
     text = compiled.as_text()
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(state, frozen, batch))
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(state, frozen, batch))
-        times.append(1e3 * (time.perf_counter() - t))
+    state, times, _ = run_steps(compiled, state, frozen, batch, warmup, steps)
     names = set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", text, re.M))
     events = []
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            for _ in range(steps):
-                jax.block_until_ready(compiled(state, frozen, batch))
+            run_steps(compiled, state, frozen, batch, 0, steps)
         data = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
         for plane in data.planes:
             for line in plane.lines:
                 if line.name.startswith("tf_XLA"):
                     events += [(ev.name, ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events
                                if ev.name in names]
-    return _shares(events, steps), text, float(np.median(times))
+    return _shares(events, steps), text, median(times)
 
 
 def _shares(events, steps: int) -> dict:
     """Per-step ms of each operation: ``duration`` (its span in the trace) and ``share`` (its span with every
     moment divided among the operations running then, so the shares add up to the time anything ran)."""
-    edges = sorted([(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)])
+    edges = sorted([(t0, 1, i) for i, (_, t0, _) in enumerate(events)]
+                   + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)])
     share, running, last = collections.Counter(), set(), None
     for t, kind, i in edges:
-        if running and last is not None:
-            for j in running:
-                share[j] += (t - last) / len(running)
-        running.add(i) if kind == 1 else running.discard(i)
+        for j in running:
+            share[j] += (t - last) / len(running)
+        if kind == 1:
+            running.add(i)
+        else:
+            running.discard(i)
         last = t
     out = collections.defaultdict(lambda: {"duration": 0.0, "share": 0.0})
     for i, (name, t0, t1) in enumerate(events):

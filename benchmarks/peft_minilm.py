@@ -26,7 +26,8 @@ import time
 from benchmarks.minilm import N_CLASSES, dir_size, fixed_batch, huge_pages, reset_peak_rss, rss_mb
 
 TARGETS = ["query", "key", "value", "dense"]
-METHODS = ("frozen", "full", "lora", "rslora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora", "sparse")
+METHODS = ("frozen", "full", "lora", "rslora", "dora", "pissa", "vera", "lokr", "fourierft", "waveft", "randlora",
+           "sparse")
 
 
 def peft_config(name: str):
